@@ -1,0 +1,347 @@
+"""Turn each stored reply into an answer, or into a recorded refusal; queue what to tell whom.
+
+The life of one reply: parse (replies.py) → find the request (token in the
+recipient, else the notification's Message-ID in In-Reply-To/References) →
+ignore machine mail → check the sender against the token → check expiry and
+status → decide the outcome (outcomes.py) → answer the request with one
+conditional update, queue the confirmation, and mark the stored reply done,
+all in one transaction. Nothing here ever mails the sender of a reply whose
+From does not match the token: that is how a forged reply stays harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from hitl_mail import compose, tokens
+from hitl_mail.config import Config
+from hitl_mail.intake import addressing, content_of, reply_to_of, sender
+from hitl_mail.metrics import Metrics
+from hitl_mail.models import FeedbackRequest, InboundMessage, RequestStatus, utcnow
+from hitl_mail.outbound import queue_row
+from hitl_mail.outcomes import Decision, LLMSettings, decide
+from hitl_mail.replies import ParsedReply, parse_reply
+from hitl_mail.store import Store, audit_event
+from hitl_mail.waiting import idle
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+# A claimed reply's lease is renewed while this daemon holds it, so it can be
+# short: a daemon killed mid-answer delays the reply by at most LEASE.
+LEASE = timedelta(seconds=20)
+RENEW_EVERY = 5.0
+RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
+ERROR_MAIL_WINDOW = timedelta(days=1)
+TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """The reply cannot answer its request; `result` names why (it is recorded)."""
+
+    result: str
+    detail: Any = None
+
+
+def llm_settings(config: Config) -> LLMSettings:
+    llm = config.llm
+    return LLMSettings(
+        model=llm.model,
+        api_base=llm.api_base,
+        api_key=llm.api_key,
+        timeout=llm.timeout.total_seconds(),
+        retries=llm.retries,
+    )
+
+
+class Answering:
+    """The answering stage: claims stored replies and processes a few at a time."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        on_processed: Callable[[], None],
+        metrics: Metrics | None = None,
+        concurrency: int = 8,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_processed = on_processed
+        self.metrics = metrics or Metrics()
+        self.wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held: set[int] = set()  # claimed and not yet finished: leases to renew
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        renewing = asyncio.create_task(self._keep_leases())
+        try:
+            while not stopping.is_set():
+                self.wakeup.clear()
+                rows = await asyncio.to_thread(self.store.claim_inbound, BATCH, LEASE)
+                self._held.update(row.id for row in rows if row.id is not None)
+                for row in rows:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._process_released(row))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if not rows:
+                    await idle(
+                        self.wakeup, stopping, self.config.daemon.poll_interval.total_seconds()
+                    )
+            if self._tasks:
+                await asyncio.wait(
+                    self._tasks, timeout=self.config.daemon.shutdown_timeout.total_seconds()
+                )
+        finally:
+            renewing.cancel()
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            if self._held:
+                await asyncio.to_thread(self.store.renew_inbound_leases, list(self._held), LEASE)
+
+    async def _process_released(self, row: InboundMessage) -> None:
+        try:
+            await self.process(row)
+        except Exception:
+            log.exception(
+                "reply %s: processing failed; it stays stored and is retried after its lease",
+                row.id,
+            )
+            if row.id is not None:
+                self._held.discard(row.id)  # no longer renewed: the retry waits RETRY_AFTER
+                with contextlib.suppress(Exception):  # else it is retried after LEASE
+                    await asyncio.to_thread(self.store.renew_inbound_leases, [row.id], RETRY_AFTER)
+        finally:
+            self._held.discard(row.id or 0)
+            self._slots.release()
+
+    async def process(self, row: InboundMessage) -> str:
+        assert row.id is not None
+        own = {self.config.outbound.from_addr_spec}
+        parsed = await asyncio.to_thread(
+            parse_reply,
+            row.raw,
+            envelope_from=row.envelope_from,
+            own_addresses=own,
+            own_domains={self.config.inbound.reply_domain.lower()},
+        )
+        request_id: str | None = None
+        try:
+            token, request = await asyncio.to_thread(self._locate, row, parsed)
+            request_id = request.id
+            result = await self._answer(row, parsed, token, request)
+        except Refusal as refusal:
+            result = refusal.result
+            detail = {
+                "from": parsed.from_address,
+                "message_id": parsed.message_id,
+                "why": refusal.detail,
+            }
+            events = [
+                audit_event(
+                    request_id,
+                    f"reply_{refusal.result}",
+                    parsed.from_address or "unknown",
+                    "email",
+                    detail,
+                )
+            ]
+            await asyncio.to_thread(self.store.finish_inbound, row.id, result, request_id, events)
+        log.info("reply %s (%s) for request %s: %s", row.id, parsed.message_id, request_id, result)
+        if result != "answered":
+            self.metrics.reply_refused(result)
+        self.on_processed()  # an answer to resume, or a confirmation or error email to send
+        return result
+
+    def _locate(self, row: InboundMessage, parsed: ParsedReply) -> tuple[str, FeedbackRequest]:
+        token = _token_of(row, parsed, addressing(self.config))
+        if token is None:
+            raise Refusal("unmatched", "no token in the recipient or the thread headers")
+        request = self.store.find(tokens.read(token).request_id)
+        if request is None:
+            raise Refusal("unmatched", "the token names no request of ours")
+        return token, request
+
+    async def _answer(
+        self, row: InboundMessage, parsed: ParsedReply, token: str, request: FeedbackRequest
+    ) -> str:
+        if parsed.machine_reason is not None:
+            raise Refusal("machine_mail", parsed.machine_reason)
+        issued_to = self._issued_to(token, request)
+        if parsed.from_address != issued_to:
+            await asyncio.to_thread(
+                self._tell(
+                    request,
+                    issued_to,
+                    "wrong_sender",
+                    detail=f"A reply from {parsed.from_address} was ignored.",
+                )
+            )
+            raise Refusal("wrong_sender", f"From {parsed.from_address} is not {issued_to}")
+        try:
+            tokens.verify(token, issued_to, self.config.secret_keys, self.config.tokens.max_age)
+        except tokens.ExpiredToken as exc:
+            await asyncio.to_thread(self._tell(request, issued_to, "expired"))
+            raise Refusal("expired", f"token issued {exc.parts.issued_at.isoformat()}") from None
+        if request.status == RequestStatus.CANCELLED:
+            await asyncio.to_thread(self._tell(request, issued_to, "cancelled"))
+            raise Refusal("cancelled", "the request was cancelled")
+        if request.status != RequestStatus.PENDING:
+            await asyncio.to_thread(self._already_answered(request, issued_to))
+            raise Refusal("already_answered", request.status)
+        decision = await decide(
+            parsed.first_line,
+            request.emit,
+            request.default_outcome,
+            request.llm,
+            llm_settings(self.config),
+        )
+        if decision.llm_calls:
+            self.metrics.llm_call("ok" if decision.method == "llm" else "error")
+        if decision.method == "undecided":
+            await asyncio.to_thread(
+                self._tell(request, issued_to, "undecided", detail=decision.detail)
+            )
+            raise Refusal(
+                "undecided",
+                {
+                    "reason": decision.detail,
+                    "text": parsed.text[:TEXT_KEPT],
+                    "llm_calls": decision.llm_calls,
+                },
+            )
+        won = await asyncio.to_thread(self._record, row, parsed, request, issued_to, decision)
+        if not won:
+            await asyncio.to_thread(self._already_answered(self.store.get(request.id), issued_to))
+            raise Refusal("already_answered", "another answer won the race")
+        self.metrics.answered((utcnow() - request.created_at).total_seconds())
+        return "answered"
+
+    def _issued_to(self, token: str, request: FeedbackRequest) -> str:
+        """The address the token was issued to: the request's assignee, if the token is signed for it."""
+        assignee = request.assigned_to or ""
+        try:
+            tokens.verify(token, assignee, self.config.secret_keys, max_age=None)
+        except tokens.BadToken:
+            raise Refusal(
+                "bad_token", "not signed for the current assignee (reassigned or forged)"
+            ) from None
+        return assignee
+
+    def _record(
+        self,
+        row: InboundMessage,
+        parsed: ParsedReply,
+        request: FeedbackRequest,
+        issued_to: str,
+        decision: Decision,
+    ) -> bool:
+        assert row.id is not None
+        outcome = decision.outcome if request.emit else None
+        confirmation = compose.confirmation(
+            content_of(request),
+            sender=sender(self.config),
+            to=issued_to,
+            thread_id=request.notification_id or "",
+            outcome=outcome,
+            feedback=parsed.first_line,
+        )
+        detail = {
+            "outcome": outcome,
+            "method": decision.method,
+            "decision": decision.detail,
+            "llm_calls": decision.llm_calls,
+            "message_id": parsed.message_id,
+            "text": parsed.text[:TEXT_KEPT],
+        }
+        values = {
+            "status": RequestStatus.ANSWERED,
+            "outcome": outcome,
+            "feedback": parsed.first_line,
+            "source": "email",
+            "answered_by": issued_to,
+            "answered_at": utcnow(),
+        }
+        also = [
+            audit_event(request.id, "answered", issued_to, "email", detail),
+            queue_row(
+                confirmation, kind="confirmation", request_id=request.id, recipient=issued_to
+            ),
+        ]
+        return self.store.transition(
+            request.id, [RequestStatus.PENDING], values, also, finish_inbound=(row.id, "answered")
+        )
+
+    def _already_answered(self, request: FeedbackRequest, to: str) -> Callable[[], None]:
+        return self._tell(
+            request,
+            to,
+            "already_answered",
+            answered_outcome=request.outcome,
+            answered_feedback=request.feedback,
+        )
+
+    def _tell(
+        self, request: FeedbackRequest, to: str, kind: compose.ErrorKind, **extra: Any
+    ) -> Callable[[], None]:
+        """A thunk that queues one error email, at most one per address, kind and day.
+
+        Rejection mail is how servers get blocklisted, so it is rate-limited;
+        and it only ever goes to the address the token was issued to.
+        """
+
+        def queue() -> None:
+            mail_kind = f"error:{kind}"
+            if self.store.recent_mail_exists(to, mail_kind, None, utcnow() - ERROR_MAIL_WINDOW):
+                self.store.audit(
+                    request.id,
+                    "error_mail_suppressed",
+                    "hitl-mail",
+                    detail={"kind": kind, "to": to},
+                )
+                return
+            message = compose.error_mail(
+                kind,
+                content_of(request),
+                sender=sender(self.config),
+                to=to,
+                thread_id=request.notification_id or "",
+                reply_to=reply_to_of(self.config, request),
+                **extra,
+            )
+            self.store.add(
+                queue_row(message, kind=mail_kind, request_id=request.id, recipient=to),
+                audit_event(
+                    request.id, "error_mail_queued", "hitl-mail", detail={"kind": kind, "to": to}
+                ),
+            )
+
+        return queue
+
+
+def _token_of(
+    row: InboundMessage, parsed: ParsedReply, reply_addressing: tokens.ReplyAddressing
+) -> str | None:
+    for recipient in row.recipients:
+        try:
+            token = reply_addressing.token_in(recipient)
+        except tokens.BadToken:
+            continue
+        if token is not None:
+            return token
+    for message_id in (*parsed.in_reply_to, *reversed(parsed.references)):
+        token = compose.token_from_message_id(message_id)
+        if token is not None and tokens.looks_like_token(token):
+            return token
+    return None

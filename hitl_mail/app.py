@@ -1,0 +1,157 @@
+"""One `App` owns the daemon's life: store, stages, SMTP listener, then ready; shutdown in reverse.
+
+Startup: migrations, the SMTP listener, the sending, answering, resume and
+timer stages, the health endpoint; `serve` then says `READY=1` to systemd. Shutdown: stop
+accepting mail, let the stages finish what they hold within
+`[daemon].shutdown_timeout` (anything unfinished stays in its table for the
+next start), close the store. Usable as `async with App(config) as app:`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from hitl_mail import outcomes, systemd
+from hitl_mail.answering import Answering
+from hitl_mail.config import Config
+from hitl_mail.inbound import ReplyHandler, start_listener
+from hitl_mail.intake import addressing
+from hitl_mail.metrics import HealthServer, Metrics
+from hitl_mail.models import RequestStatus
+from hitl_mail.outbound import Outbox
+from hitl_mail.resume import Resumer
+from hitl_mail.store import Store
+from hitl_mail.timers import Timers
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.daemon.database_url)
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self.smtp_port = 0
+        self.health_port = 0
+        self.metrics = Metrics(
+            request_counts=self.store.counts_by_status,
+            ready=lambda: self.ready,
+            request_statuses=RequestStatus.ALL,
+        )
+        self.outbox = Outbox(
+            self.store, config.outbound, config.daemon.poll_interval, observe=self._observe_send
+        )
+        self.resumer = Resumer(
+            config, self.store, on_paused_again=self.outbox.wakeup.set, observe=self._observe_resume
+        )
+        self.answering = Answering(
+            config, self.store, on_processed=self._reply_processed, metrics=self.metrics
+        )
+        self.timers = Timers(config, self.store, on_fired=self._timer_fired)
+        self._server: asyncio.Server | None = None
+        self._health: HealthServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> App:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def startup(self) -> None:
+        """Migrate, listen, start the stages; raises OSError when a port cannot be bound.
+
+        Not `systemd.ready()`: the caller says ready once it can handle signals.
+        """
+        config = self.config
+        await asyncio.to_thread(self.store.migrate)
+        handler = ReplyHandler(
+            self.store,
+            addressing(config),
+            config.secret_keys,
+            on_stored=self._stored,
+            observe_refusal=self.metrics.reply_refused,
+        )
+        self._server = await start_listener(
+            config.inbound, handler, hostname=config.outbound.domain
+        )
+        self.smtp_port = self._server.sockets[0].getsockname()[1]
+        self.resumer.warm_up()
+        # litellm takes seconds to import: do it now, off the loop, and never wait for it.
+        threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()
+        for stage in (self.outbox, self.answering, self.resumer, self.timers):
+            self._tasks.append(
+                asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
+            )
+        if config.health.enabled:
+            self._health = HealthServer(self.metrics)
+            self.health_port = await self._health.start(config.health.host, config.health.port)
+        self.ready = True
+        log.info(
+            "ready: SMTP on %s:%d, database %s",
+            config.inbound.host,
+            self.smtp_port,
+            _redacted(config.daemon.database_url),
+        )
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        systemd.stopping()
+        log.info("stopping")
+        if self._server is not None:
+            self._server.close()
+        self.stopping.set()
+        # One budget for everything, so `serve` exits within shutdown_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.daemon.shutdown_timeout.total_seconds()
+        await self.resumer.drain(max(deadline - loop.time(), 0.0))
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=max(deadline - loop.time(), 0.1))
+            for task in late:
+                task.cancel()
+        if self._health is not None:
+            await self._health.stop()
+        await outcomes.close_llm_clients()
+        self.store.close()
+        log.info("stopped")
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: routing, auto-response and LLM settings change without dropping a connection."""
+        self.config = config
+        self.answering.config = config
+        self.timers.config = config
+        self.resumer.reload(config)
+        log.info("configuration reloaded from %s", config.source)
+
+    def _stored(self) -> None:
+        self.metrics.reply_accepted()
+        self.answering.wakeup.set()
+
+    def _observe_send(self, kind: str, result: str) -> None:
+        kind = kind.partition(":")[0]  # "error:expired" counts as an error email
+        if result == "sent":
+            self.metrics.email_sent(kind)
+        else:
+            self.metrics.email_failed(kind, permanent=result == "failed")
+
+    def _timer_fired(self, kind: str) -> None:
+        self.resumer.wakeup.set()
+        self.outbox.wakeup.set()
+
+    def _reply_processed(self) -> None:
+        self.resumer.wakeup.set()
+        self.outbox.wakeup.set()
+
+    def _observe_resume(self, ok: bool) -> None:
+        (self.metrics.resumed if ok else self.metrics.resume_failed)()
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"

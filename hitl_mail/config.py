@@ -1,0 +1,397 @@
+"""Load the TOML configuration file into one frozen, validated `Config`.
+
+Every problem is reported with its key path (`inbound.port: ...`), unknown keys
+included (with a "did you mean" when one is close). Values written as
+`"env:NAME"` are read from the environment; durations (`"90s"`, `"24h"`) and
+sizes (`"10MB"`, `"10MiB"`) are strings turned into typed values here, once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from datetime import timedelta
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG_NAME = "hitl-mail.toml"
+CONFIG_ENV = "HITL_MAIL_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+_EMAIL = re.compile(
+    r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$"
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists each with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def parse_duration(value: object) -> timedelta:
+    """`"90s"`, `"30m"`, `"24h"`, `"7d"`, `"500ms"` (or a number of seconds) → timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        number, unit = match.groups()
+        return timedelta(seconds=float(number) * _DURATION_UNITS[unit.lower()])
+    raise ValueError(f'{value!r} is not a duration; write e.g. "90s", "30m", "24h" or "7d"')
+
+
+def parse_size(value: object) -> int:
+    """`"10MB"` (powers of 1000) or `"10MiB"` (powers of 1024) → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        number, unit = match.groups()
+        return int(float(number) * _SIZE_UNITS[unit or "B"])
+    raise ValueError(f'{value!r} is not a size; write e.g. "10MB" or "10MiB"')
+
+
+def is_email_address(value: str) -> bool:
+    """A bare addr-spec such as `owner@example.com` (no display name)."""
+    return bool(_EMAIL.match(value))
+
+
+def _email(value: object) -> str:
+    if not isinstance(value, str) or not is_email_address(value.strip()):
+        raise ValueError(f"{value!r} is not an email address")
+    return value.strip()
+
+
+def _mailbox(value: object) -> str:
+    """A From-style mailbox: `"Reviews <reviews@example.com>"` or a bare address."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an email address")
+    _, addr = parseaddr(value)
+    if not is_email_address(addr):
+        raise ValueError(f"{value!r} is not an email address")
+    return value.strip()
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+EmailAddress = Annotated[str, BeforeValidator(_email)]
+Mailbox = Annotated[str, BeforeValidator(_mailbox)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSettings(_Section):
+    database_url: str = "sqlite:///hitl-mail.db"
+    secret_key: str = Field(min_length=16)
+    old_secret_keys: tuple[str, ...] = ()
+    poll_interval: Duration = timedelta(milliseconds=250)
+    resume_workers: int = Field(default=2, ge=1, le=64)
+    shutdown_timeout: Duration = timedelta(seconds=15)
+
+
+class InboundSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=0, le=65535)
+    reply_domain: str
+    # 15 + separator + 48-character token = 64, the local-part limit of RFC 5321 4.5.3.1.1.
+    local_part: str = Field(default="reply", pattern=r"^[a-z0-9]{1,15}$")
+    separator: Literal["+", "-"] = "+"
+    max_message_size: Size = 10 * 1000**2
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_starttls: bool = False
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> InboundSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.require_starttls and self.tls_cert is None:
+            raise ValueError("require_starttls needs tls_cert and tls_key")
+        return self
+
+
+class OutboundSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    from_address: Mailbox
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = False
+    use_tls: bool = False
+    timeout: Duration = timedelta(seconds=30)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_initial: Duration = timedelta(seconds=5)
+    retry_max: Duration = timedelta(minutes=30)
+
+    @model_validator(mode="after")
+    def _tls_choice(self) -> OutboundSettings:
+        if self.starttls and self.use_tls:
+            raise ValueError(
+                "choose starttls (upgrade on connect) or use_tls (implicit TLS), not both"
+            )
+        return self
+
+    @property
+    def from_addr_spec(self) -> str:
+        return parseaddr(self.from_address)[1].lower()
+
+    @property
+    def domain(self) -> str:
+        return Address(addr_spec=self.from_addr_spec).domain
+
+
+class TokenSettings(_Section):
+    max_age: Duration = timedelta(days=7)
+
+
+class LLMConfig(_Section):
+    model: str = "gpt-4o-mini"
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout: Duration = timedelta(seconds=30)
+    retries: int = Field(default=2, ge=0, le=10)
+
+
+class RuleMatch(_Section):
+    method_name: str | None = None
+    flow_class: str | None = None
+
+
+def _fraction(value: object) -> float:
+    """`"50%"` or `0.5` → 0.5: a point between a request's creation and its deadline."""
+    number = value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = float(value.strip()[:-1]) / 100
+    if isinstance(number, int | float) and not isinstance(number, bool) and 0 < number < 1:
+        return float(number)
+    raise ValueError(f'{value!r} is not a fraction of the deadline; write e.g. "50%" or 0.5')
+
+
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+
+
+class TimeoutPolicy(_Section):
+    """What happens when nobody answers. In overrides, an unset field keeps the wider setting."""
+
+    enabled: bool | None = None
+    timeout: Duration | None = None
+    default_outcome: str | None = None
+    reminders: tuple[Fraction, ...] | None = None
+    escalate_after: Duration | None = None
+    escalate_to: EmailAddress | None = None
+
+
+class RoutingRule(_Section):
+    name: str
+    match: RuleMatch = RuleMatch()
+    assign_to_email: EmailAddress | None = None
+    assign_from_input: str | None = None
+    auto_response: TimeoutPolicy | None = None
+    sla: Duration | None = None
+
+    @model_validator(mode="after")
+    def _has_target(self) -> RoutingRule:
+        if self.assign_to_email is None and self.assign_from_input is None:
+            raise ValueError("a rule needs assign_to_email or assign_from_input")
+        return self
+
+
+class AutoResponseRule(TimeoutPolicy):
+    """A per-method-pattern override: the most specific setting, it wins over rule and global."""
+
+    match: RuleMatch
+
+
+class AutoResponseSettings(TimeoutPolicy):
+    enabled: bool | None = False
+    timeout: Duration | None = timedelta(hours=24)
+    reminders: tuple[Fraction, ...] | None = ()
+    rules: tuple[AutoResponseRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _outcome_when_enabled(self) -> AutoResponseSettings:
+        if self.enabled and not self.default_outcome:
+            raise ValueError("enabled auto_response needs default_outcome")
+        if (self.escalate_after is None) != (self.escalate_to is None):
+            raise ValueError("escalate_after and escalate_to must be set together")
+        return self
+
+
+class RoutingSettings(_Section):
+    default_assignee: EmailAddress | None = None
+    rules: tuple[RoutingRule, ...] = ()
+
+
+class FlowSettings(_Section):
+    import_paths: tuple[str, ...] = (".",)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class HealthSettings(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=9125, ge=0, le=65535)
+
+
+class Config(_Section):
+    """Everything the daemon and `MailProvider` need, validated once."""
+
+    daemon: DaemonSettings
+    inbound: InboundSettings
+    outbound: OutboundSettings
+    tokens: TokenSettings = TokenSettings()
+    llm: LLMConfig = LLMConfig()
+    routing: RoutingSettings = RoutingSettings()
+    auto_response: AutoResponseSettings = AutoResponseSettings()
+    flows: FlowSettings = FlowSettings()
+    logging: LoggingSettings = LoggingSettings()
+    health: HealthSettings = HealthSettings()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def secret_keys(self) -> tuple[str, ...]:
+        """The signing key first, then older keys still accepted (rotation)."""
+        return (self.daemon.secret_key, *self.daemon.old_secret_keys)
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """`--config`, else `$HITL_MAIL_CONFIG`, else `./hitl-mail.toml`."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, resolve and validate; raise `ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=path)
+
+
+def config_from_dict(
+    raw: dict[str, Any], *, base_dir: Path | None = None, source: Path | None = None
+) -> Config:
+    """Validate an already-parsed mapping (the demo and tests build configs this way)."""
+    problems: list[str] = []
+    resolved = _resolve_env(raw, (), problems)
+    try:
+        config = Config.model_validate({**resolved, "source": source})
+    except ValidationError as exc:
+        # A key whose env: variable is unset is already reported; its None is no news.
+        unset = {problem.partition(":")[0] for problem in problems}
+        problems.extend(p for p in _describe(exc) if p.partition(":")[0] not in unset)
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return _anchor_paths(config, base_dir) if base_dir else config
+
+
+def _resolve_env(value: Any, path: tuple[str | int, ...], problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve_env(v, (*path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(v, (*path, i), problems) for i, v in enumerate(value)]
+    if isinstance(value, str) and value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            problems.append(f"{_dotted(path)}: environment variable {name} is not set")
+            return None
+        return os.environ[name]
+    return value
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(
+            p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        )
+        where = _dotted(loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key{_suggestion(loc)}")
+        elif error["type"] == "missing":
+            problems.append(f"{where}: required key is missing")
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {message}")
+    return problems
+
+
+def _suggestion(loc: tuple[str | int, ...]) -> str:
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field else None
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _anchor_paths(config: Config, base_dir: Path) -> Config:
+    """Relative SQLite files and import paths are relative to the config file.
+
+    The daemon and every flow process that uses `MailProvider` read the same
+    file from different working directories; anchoring keeps them on one
+    database.
+    """
+    url = config.daemon.database_url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and ":memory:" not in url:
+        url = prefix + str(base_dir / url[len(prefix) :])
+    paths = tuple(str(base_dir / p) for p in config.flows.import_paths)
+    return config.model_copy(
+        update={
+            "daemon": config.daemon.model_copy(update={"database_url": url}),
+            "flows": config.flows.model_copy(update={"import_paths": paths}),
+        }
+    )

@@ -1,0 +1,315 @@
+"""Send what the outbox holds: one reused SMTP connection, retries with backoff, every attempt audited.
+
+Rows in `outbox` hold the finished message bytes, so a retry after a restart
+sends exactly what was composed. A row is sent at most once per lease: it is
+claimed, sent, then marked (sent rows are marked in batches, in the
+background, while the next ones go out); a crash between send and mark can
+repeat the messages not yet marked, never lose one (mail is at-least-once by
+nature, and the repeat carries the same Message-ID, which receiving clients
+collapse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from hitl_mail.config import OutboundSettings
+from hitl_mail.models import OutboxMessage, OutboxStatus, utcnow
+from hitl_mail.store import Store, audit_event
+from hitl_mail.waiting import idle
+
+log = logging.getLogger(__name__)
+
+ACTOR = "hitl-mail"
+BATCH = 50
+
+SendObserver = Callable[[str, str], None]  # (kind, "sent" | "retry" | "failed")
+
+
+class PermanentFailure(Exception):
+    """The relay refused for good (5xx); retrying cannot help."""
+
+
+class TemporaryFailure(Exception):
+    """The relay is down or said 4xx; try again later."""
+
+
+def queue_row(
+    message: EmailMessage, *, kind: str, request_id: str | None, recipient: str
+) -> OutboxMessage:
+    """An outbox row holding the finished bytes of `message`, due now."""
+    now = utcnow()
+    return OutboxMessage(
+        request_id=request_id,
+        kind=kind,
+        recipient=recipient,
+        message_id=str(message["Message-ID"]),
+        raw=message.as_bytes(),
+        next_attempt_at=now,
+        created_at=now,
+    )
+
+
+class SmtpSender:
+    """One SMTP connection to the relay, opened on demand and reused across messages."""
+
+    def __init__(self, settings: OutboundSettings) -> None:
+        self.settings = settings
+        self.envelope_from = settings.from_addr_spec  # parsed once, not per message
+        self._client: aiosmtplib.SMTP | None = None
+
+    async def send(self, raw: bytes, recipient: str) -> None:
+        try:
+            client = await self._connected()
+            errors, _ = await client.sendmail(self.envelope_from, [recipient], raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            await self.close()
+            raise _classified(exc.recipients[0].code, exc.recipients[0].message) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self.close()
+            raise _classified(exc.code, exc.message) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self.close()
+            raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        if errors:
+            code, text = next(iter(errors.values()))
+            raise _classified(code, text)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+    async def _connected(self) -> aiosmtplib.SMTP:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        s = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout.total_seconds(),
+            use_tls=s.use_tls,
+            start_tls=s.starttls,
+            tls_context=ssl.create_default_context() if (s.use_tls or s.starttls) else None,
+        )
+        await client.connect()
+        if s.username:
+            await client.login(s.username, s.password or "")
+        self._client = client
+        return client
+
+
+def _classified(code: int, text: str) -> Exception:
+    message = f"{code} {text}".strip()
+    return PermanentFailure(message) if 500 <= code < 600 else TemporaryFailure(message)
+
+
+def backoff(settings: OutboundSettings, attempts: int) -> timedelta:
+    """Exponential from `retry_initial`, capped at `retry_max`, with ±10% jitter."""
+    base = settings.retry_initial * (2 ** max(attempts - 1, 0))
+    capped = min(base, settings.retry_max)
+    jittered: timedelta = capped * random.uniform(0.9, 1.1)
+    return jittered
+
+
+class Outbox:
+    """The sending stage: claim due rows, send, and record each attempt."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: OutboundSettings,
+        poll: timedelta,
+        observe: SendObserver | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.poll = poll.total_seconds()
+        self.sender = SmtpSender(settings)
+        self.wakeup = asyncio.Event()
+        self._observe = observe or (lambda kind, result: None)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            sent_any = await self.drain_once(stopping)
+            if sent_any:
+                continue
+            await self._idle(stopping)
+        await self.sender.close()
+
+    async def drain_once(self, stopping: asyncio.Event | None = None) -> bool:
+        lease = self.settings.timeout * 3
+        rows = await asyncio.to_thread(self.store.claim_outbox, BATCH, lease)
+        recorder = _SentRecorder(self._sent_many)
+        try:
+            for row in rows:
+                if stopping is not None and stopping.is_set():
+                    # Leave the rest leased; the lease runs out and the next start sends them.
+                    await asyncio.to_thread(self._release, row)
+                    continue
+                attempt = row.attempts + 1
+                if await self._send(row, attempt):
+                    recorder.add(row, attempt)
+        finally:
+            await recorder.close()
+        return bool(rows)
+
+    async def deliver(self, row: OutboxMessage) -> None:
+        attempt = row.attempts + 1
+        if await self._send(row, attempt):
+            await asyncio.to_thread(self._sent_many, [(row, attempt)])
+
+    async def _send(self, row: OutboxMessage, attempt: int) -> bool:
+        """Send one row; True when the relay took it (the caller records that), else recorded here."""
+        assert row.id is not None
+        try:
+            await self.sender.send(row.raw, row.recipient)
+        except PermanentFailure as exc:
+            await asyncio.to_thread(self._failed, row, attempt, str(exc))
+            return False
+        except TemporaryFailure as exc:
+            if attempt >= self.settings.max_attempts:
+                await asyncio.to_thread(
+                    self._failed, row, attempt, f"gave up after {attempt} attempts: {exc}"
+                )
+            else:
+                await asyncio.to_thread(self._retry, row, attempt, str(exc))
+            return False
+        return True
+
+    def _sent_many(self, sent: list[tuple[OutboxMessage, int]]) -> None:
+        now = utcnow()
+        self.store.update_outbox_many(
+            [
+                (
+                    row.id,
+                    {
+                        "status": OutboxStatus.SENT,
+                        "attempts": attempt,
+                        "sent_at": now,
+                        "lease_until": None,
+                    },
+                )
+                for row, attempt in sent
+                if row.id is not None
+            ],
+            [
+                audit_event(row.request_id, "email_sent", ACTOR, detail=_detail(row, attempt))
+                for row, attempt in sent
+            ],
+        )
+        for row, _ in sent:
+            log.info(
+                "request %s: %s sent to %s (%s)",
+                row.request_id,
+                row.kind,
+                row.recipient,
+                row.message_id,
+            )
+            self._observe(row.kind, "sent")
+
+    def _retry(self, row: OutboxMessage, attempt: int, error: str) -> None:
+        assert row.id is not None
+        next_at: datetime = utcnow() + backoff(self.settings, attempt)
+        detail = {**_detail(row, attempt), "error": error, "next_attempt_at": next_at.isoformat()}
+        event = audit_event(row.request_id, "email_retry", ACTOR, detail=detail)
+        self.store.update_outbox(
+            row.id,
+            [event],
+            attempts=attempt,
+            next_attempt_at=next_at,
+            lease_until=None,
+            last_error=error,
+        )
+        log.warning(
+            "request %s: %s to %s failed (attempt %d), next try %s: %s",
+            row.request_id,
+            row.kind,
+            row.recipient,
+            attempt,
+            next_at.isoformat(),
+            error,
+        )
+        self._observe(row.kind, "retry")
+
+    def _failed(self, row: OutboxMessage, attempt: int, error: str) -> None:
+        assert row.id is not None
+        event = audit_event(
+            row.request_id, "email_failed", ACTOR, detail={**_detail(row, attempt), "error": error}
+        )
+        self.store.update_outbox(
+            row.id,
+            [event],
+            status=OutboxStatus.FAILED,
+            attempts=attempt,
+            lease_until=None,
+            last_error=error,
+        )
+        log.error(
+            "request %s: %s to %s failed permanently: %s",
+            row.request_id,
+            row.kind,
+            row.recipient,
+            error,
+        )
+        self._observe(row.kind, "failed")
+
+    def _release(self, row: OutboxMessage) -> None:
+        assert row.id is not None
+        self.store.update_outbox(row.id, (), lease_until=None)
+
+    async def _idle(self, stopping: asyncio.Event) -> None:
+        self.wakeup.clear()  # before looking, so a row queued meanwhile still wakes us
+        due = await asyncio.to_thread(self.store.next_outbox_due)
+        wait = self.poll
+        if due is not None:
+            wait = min(wait, max((due - utcnow()).total_seconds(), 0.0))
+        await idle(self.wakeup, stopping, wait)
+
+
+class _SentRecorder:
+    """Records sent rows in the background, many per commit, while the next messages go out.
+
+    One commit per message cost more than sending it (an fsync each on
+    SQLite); batching the "sent" marks keeps the relay connection busy. A
+    crash before a batch is committed re-sends its messages once their lease
+    runs out (at least once, same Message-ID), never loses one. `close()`
+    returns when every added row is recorded, and raises what recording raised.
+    """
+
+    def __init__(self, record: Callable[[list[tuple[OutboxMessage, int]]], None]) -> None:
+        self._record = record
+        self._waiting: list[tuple[OutboxMessage, int]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def add(self, row: OutboxMessage, attempt: int) -> None:
+        self._waiting.append((row, attempt))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            await asyncio.to_thread(self._record, batch)
+
+    async def close(self) -> None:
+        while self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer
+            if self._waiting:  # added after the writer's last look
+                self._writer = asyncio.create_task(self._write())
+
+
+def _detail(row: OutboxMessage, attempt: int) -> dict[str, object]:
+    return {"kind": row.kind, "to": row.recipient, "message_id": row.message_id, "attempt": attempt}

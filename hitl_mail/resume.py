@@ -1,0 +1,321 @@
+"""Resume answered requests: restore the flow class from the stored state, apply the decided outcome.
+
+Flow code runs in worker processes (spawned, each importing crewAI once), so
+a slow or CPU-bound flow method never delays the SMTP edge or other resumes,
+and a crashing flow cannot take the daemon down. While a resume runs, its
+request's lease is renewed; a daemon killed mid-resume leaves the lease to
+expire and the next daemon resumes the request again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing
+import os
+import sys
+import traceback
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from hitl_mail.config import Config
+from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow
+from hitl_mail.store import Store, audit_event
+from hitl_mail.waiting import idle
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(seconds=60)
+RENEW_EVERY = 20.0
+MAX_AUTOMATIC_RETRIES = 5
+RETRY_BASE = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    ok: bool
+    paused_again: str | None = None  # the new request id when the flow paused again
+    summary: str = ""
+    error: str | None = None  # traceback text on failure
+
+
+# -- inside the worker process ------------------------------------------------
+
+_worker: tuple[Config, Store] | None = None
+
+
+def init_worker(config: Config) -> None:
+    """Worker start: import paths, the daemon's config for `MailProvider`, crewAI imported once."""
+    global _worker
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    for path in reversed(config.flows.import_paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    from hitl_mail.provider import bind_daemon
+
+    store = Store(config.daemon.database_url)
+    bind_daemon(config, store)
+    _worker = (config, store)
+    import crewai.flow.flow  # noqa: F401  (pay the import once, not per resume)
+
+
+def resume_request(request_id: str) -> ResumeResult:
+    """Restore and resume one request's flow; never raises (the result carries the traceback)."""
+    assert _worker is not None, "init_worker was not run"
+    _, store = _worker
+    try:
+        request = store.get(request_id)
+        flow = restore(request, store)
+        result = flow.resume(request.feedback or "")
+    except BaseException as exc:  # a flow may raise anything; record it, keep the worker
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        return ResumeResult(ok=False, error=traceback.format_exc(limit=30))
+    return _outcome_of(result)
+
+
+def restore(request: FeedbackRequest, store: Store) -> Any:
+    """The flow instance, restored from the stored snapshot, with hitl-mail's decision applied."""
+    from hitl_mail.persistence import HitlFlowPersistence
+
+    flow_class = import_flow_class(request.flow_class)
+    persistence = HitlFlowPersistence.for_store(store, request_id=request.id)
+    flow = flow_class.from_pending(request.flow_id, persistence=persistence)
+    take_control(flow, request.outcome)
+    return flow
+
+
+def import_flow_class(dotted: str) -> Any:
+    module_name, _, class_name = dotted.rpartition(".")
+    if not module_name:
+        raise ImportError(f"flow class {dotted!r} is not of the form module.Class")
+    importlib.invalidate_caches()  # a module fixed on disk since the last try is seen
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no class {class_name!r}") from None
+
+
+def take_control(flow: Any, outcome: str | None) -> None:
+    """Make the resumed step use hitl-mail's outcome instead of asking the LLM again.
+
+    crewAI's `resume()` collapses every non-empty feedback through the stored
+    `llm` (runtime `_finalize_human_feedback`). hitl-mail has already decided
+    (exact match, default, or its own single LLM call), so the first call is
+    answered here; later feedback steps in the same run use crewAI's own.
+    """
+    from crewai.flow.human_feedback import HumanFeedbackResult
+
+    async def decided(
+        *,
+        method_name: str,
+        method_output: Any,
+        raw_feedback: str,
+        emit: Any,
+        default_outcome: Any,
+        llm: Any,
+        metadata: dict[str, Any],
+    ) -> Any:
+        object.__delattr__(flow, "_finalize_human_feedback")
+        result = HumanFeedbackResult(
+            output=method_output,
+            feedback=raw_feedback,
+            outcome=outcome if emit else None,
+            method_name=method_name,
+            metadata=metadata,
+        )
+        flow.human_feedback_history.append(result)
+        flow.last_human_feedback = result
+        return result
+
+    object.__setattr__(flow, "_finalize_human_feedback", decided)
+
+
+def _outcome_of(result: Any) -> ResumeResult:
+    from crewai.flow.async_feedback.types import HumanFeedbackPending
+
+    if isinstance(result, HumanFeedbackPending):
+        return ResumeResult(
+            ok=True,
+            paused_again=str(result.callback_info.get("request_id")),
+            summary="paused again",
+        )
+    return ResumeResult(ok=True, summary=repr(result)[:500])
+
+
+# -- in the daemon --------------------------------------------------------------
+
+
+def _stop_pool(pool: Executor) -> None:
+    """Stop a worker pool now: what still runs after the shutdown budget is ended.
+
+    Without this, interpreter exit joins the workers, and one still importing
+    crewAI (seconds, more on a loaded machine) or running a slow flow method
+    holds `serve` past its shutdown timeout. An ended resume keeps its request
+    `answered`; its released lease lets the next start resume it.
+    """
+    processes = list(
+        (getattr(pool, "_processes", None) or {}).values()
+    )  # CPython's ProcessPoolExecutor
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
+def worker_pool(config: Config) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=config.daemon.resume_workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(config,),
+    )
+
+
+class Resumer:
+    """The resume stage: claims answered requests and runs each in the worker pool."""
+
+    def __init__(
+        self, config: Config, store: Store, on_paused_again: Any = None, observe: Any = None
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.wakeup = asyncio.Event()
+        self.pool: Executor = worker_pool(config)
+        self.on_paused_again = on_paused_again or (lambda: None)
+        self.observe = observe or (lambda ok: None)
+        self._slots = asyncio.Semaphore(config.daemon.resume_workers)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: list[Executor] = []  # pools replaced by a reload, still finishing
+
+    def warm_up(self) -> None:
+        """Start the workers now, so the first resume does not wait for crewAI's import."""
+        for _ in range(self.config.daemon.resume_workers):
+            self.pool.submit(os.getpid)
+
+    def reload(self, config: Config) -> None:
+        """New import paths and settings take effect in fresh workers; running resumes finish."""
+        old, self.pool, self.config = self.pool, worker_pool(config), config
+        old.shutdown(wait=False)
+        self._retired.append(old)
+        self.warm_up()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self.wakeup.clear()
+            free = self._free_slots()
+            rows = await asyncio.to_thread(self.store.claim_resumable, free, LEASE) if free else []
+            for row in rows:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._resume(row))
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+            if not rows:
+                await idle(self.wakeup, stopping, self.config.daemon.poll_interval.total_seconds())
+
+    async def drain(self, timeout: float) -> None:
+        """On shutdown: let running resumes finish within `timeout`, then release the rest."""
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        for pool in (*self._retired, self.pool):
+            _stop_pool(pool)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        # A worker is free: look for the next answered request now, not at the next poll.
+        self._tasks.discard(task)
+        self.wakeup.set()
+
+    def _free_slots(self) -> int:
+        return max(self.config.daemon.resume_workers - len(self._tasks), 0)
+
+    async def _resume(self, request: FeedbackRequest) -> None:
+        renew = asyncio.create_task(self._keep_lease(request.id))
+        try:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.pool, resume_request, request.id)
+        except BrokenProcessPool:
+            result = ResumeResult(
+                ok=False, error="the resume worker process died (killed or crashed)"
+            )
+            self.pool = worker_pool(self.config)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.store.release_lease, request.id)
+            raise
+        finally:
+            renew.cancel()
+            self._slots.release()
+        await asyncio.to_thread(self._record, request, result)
+        self.observe(result.ok)
+        if result.paused_again:
+            self.on_paused_again()
+
+    async def _keep_lease(self, request_id: str) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.to_thread(self.store.renew_lease, request_id, LEASE)
+
+    def _record(self, request: FeedbackRequest, result: ResumeResult) -> None:
+        now = utcnow()
+        if result.ok:
+            detail = {"paused_again": result.paused_again, "result": result.summary}
+            self.store.transition(
+                request.id,
+                [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
+                {
+                    "status": RequestStatus.RESUMED,
+                    "resumed_at": now,
+                    "lease_until": None,
+                    "last_error": None,
+                },
+                [audit_event(request.id, "resumed", "hitl-mail", detail=detail)],
+            )
+            log.info(
+                "request %s: flow %s resumed (%s)",
+                request.id,
+                request.flow_class,
+                result.summary[:80],
+            )
+            return
+        attempts = request.resume_attempts + 1
+        retry_at = (
+            now + RETRY_BASE * 2 ** (attempts - 1) if attempts < MAX_AUTOMATIC_RETRIES else None
+        )
+        self.store.transition(
+            request.id,
+            [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
+            {
+                "status": RequestStatus.RESUME_FAILED,
+                "resume_attempts": attempts,
+                "resume_after": retry_at,
+                "lease_until": None,
+                "last_error": result.error,
+            },
+            [
+                audit_event(
+                    request.id,
+                    "resume_failed",
+                    "hitl-mail",
+                    detail={
+                        "attempt": attempts,
+                        "retry_at": retry_at.isoformat() if retry_at else None,
+                        "error": result.error,
+                    },
+                )
+            ],
+        )
+        log.error(
+            "request %s: resume of %s failed (attempt %d)%s",
+            request.id,
+            request.flow_class,
+            attempts,
+            "" if retry_at else "; waiting for `hitl-mail requests retry`",
+        )

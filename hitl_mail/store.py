@@ -1,0 +1,573 @@
+"""The database: one engine, migrations at start, and every read or claim the stages make.
+
+Work moves between stages as rows. A stage takes a row with a conditional
+update (`... WHERE status = 'x' AND lease expired`), so a crash leaves the row
+to be taken again once its lease runs out and two daemons sharing one
+PostgreSQL database never take the same row at once. Methods are synchronous;
+the daemon calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+
+from hitl_mail.models import (
+    AuditEvent,
+    FeedbackRequest,
+    InboundMessage,
+    InboundStatus,
+    OutboxMessage,
+    OutboxStatus,
+    RequestStatus,
+    Timer,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+InboundItem = tuple[str, str, list[str], bytes]  # dedupe key, envelope sender, recipients, raw
+
+_MIGRATION_LOCK = 7_437_001  # pg_advisory_lock key: one migrator at a time
+_READ_ONLY = "hitl_mail_read_only"  # execution option: a transaction that only reads
+
+
+class NotFound(LookupError):
+    """No request with that id."""
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before we answer 250 (an SMTP 250 is a promise).
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # Take the write lock at BEGIN, so two writers queue on busy_timeout
+    # instead of failing with "database is locked" on lock upgrade. A read
+    # through `Store.reader` takes no lock: its one SELECT is its own
+    # transaction, and in WAL mode it neither waits for nor holds up a
+    # writer, so an RCPT check never queues behind commits.
+    if not conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Store:
+    """All database access. Built once per process from `[daemon].database_url`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.reader = self.engine.execution_options(**{_READ_ONLY: True})
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # -- schema -----------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (safe to call from several processes)."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(resources.files("hitl_mail") / "migrations"))
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
+                conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                conn.commit()
+            finally:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
+                    conn.commit()
+
+    # -- requests and audit -----------------------------------------------
+
+    def add(self, *rows: Any) -> None:
+        """Insert rows in one transaction: a request, its audit events, its notification."""
+        with self.session() as session:
+            session.add_all(rows)
+            session.commit()
+
+    def get(self, request_id: str) -> FeedbackRequest:
+        with self.session() as session:
+            row = session.get(FeedbackRequest, request_id)
+        if row is None:
+            raise NotFound(request_id)
+        return row
+
+    def find(self, request_id: str) -> FeedbackRequest | None:
+        with self.session() as session:
+            return session.get(FeedbackRequest, request_id)
+
+    def assignee(self, request_id: str) -> str | None:
+        """The address a request is assigned to (None: no such request, or unassigned).
+
+        The SMTP edge asks this at every RCPT, so it reads one column with one
+        statement (no write lock on SQLite) instead of loading the whole request.
+        """
+        query = sa.select(col(FeedbackRequest.assigned_to)).where(
+            col(FeedbackRequest.id) == request_id
+        )
+        with self.reader.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    def requests(self, status: str | None = None, limit: int = 1000) -> list[FeedbackRequest]:
+        query = select(FeedbackRequest).order_by(col(FeedbackRequest.created_at).desc())
+        if status:
+            query = query.where(FeedbackRequest.status == status)
+        with self.session() as session:
+            return list(session.exec(query.limit(limit)))
+
+    def counts_by_status(self) -> dict[str, int]:
+        query = select(FeedbackRequest.status, func.count()).group_by(FeedbackRequest.status)
+        with self.session() as session:
+            return {status: count for status, count in session.exec(query)}
+
+    def audit(
+        self,
+        request_id: str | None,
+        event: str,
+        actor: str,
+        source: str | None = None,
+        detail: Any = None,
+    ) -> None:
+        self.add(audit_event(request_id, event, actor, source, detail))
+
+    def trail(self, request_id: str) -> list[AuditEvent]:
+        query = (
+            select(AuditEvent)
+            .where(AuditEvent.request_id == request_id)
+            .order_by(col(AuditEvent.at), col(AuditEvent.id))
+        )
+        with self.session() as session:
+            return list(session.exec(query))
+
+    def transition(
+        self,
+        request_id: str,
+        from_status: Sequence[str],
+        values: dict[str, Any],
+        also: Sequence[Any] = (),
+        finish_inbound: tuple[int, str] | None = None,
+    ) -> bool:
+        """Move a request on only if it is still in one of `from_status`; insert `also` with it.
+
+        This one conditional update is what makes "answered at most once"
+        hold whatever races: the loser's update matches no row.
+        """
+        with self.session() as session:
+            if not advance(session, request_id, from_status, values):
+                session.rollback()
+                return False
+            insert_rows(session, also)
+            if finish_inbound is not None:
+                _finish_inbound(session, *finish_inbound, request_id)
+            session.commit()
+            return True
+
+    # -- resume queue -------------------------------------------------------
+
+    def claim_resumable(self, limit: int, lease: timedelta) -> list[FeedbackRequest]:
+        now = utcnow()
+        failed_due = sa.and_(
+            col(FeedbackRequest.status) == RequestStatus.RESUME_FAILED,
+            col(FeedbackRequest.resume_after).is_not(None),
+            col(FeedbackRequest.resume_after) <= now,
+        )
+        ready = (
+            select(FeedbackRequest.id)
+            .where(sa.or_(col(FeedbackRequest.status) == RequestStatus.ANSWERED, failed_due))
+            .where(
+                sa.or_(
+                    col(FeedbackRequest.lease_until).is_(None),
+                    col(FeedbackRequest.lease_until) < now,
+                )
+            )
+            .order_by(col(FeedbackRequest.answered_at))
+            .limit(limit)
+        )
+        return self._claim(FeedbackRequest, ready, now, lease)
+
+    def renew_lease(self, request_id: str, lease: timedelta) -> None:
+        self._set(request_id, lease_until=utcnow() + lease)
+
+    def release_lease(self, request_id: str) -> None:
+        self._set(request_id, lease_until=None)
+
+    def retry_resume(self, request_id: str, actor: str) -> bool:
+        """Queue a failed resume again now (after the operator fixed the cause)."""
+        return self.transition(
+            request_id,
+            [RequestStatus.RESUME_FAILED],
+            {"resume_after": utcnow(), "resume_attempts": 0, "lease_until": None},
+            [audit_event(request_id, "resume_retry_requested", actor, "api")],
+        )
+
+    def _set(self, request_id: str, **values: Any) -> None:
+        with self.session() as session:
+            session.execute(
+                sa.update(FeedbackRequest)
+                .where(col(FeedbackRequest.id) == request_id)
+                .values(**values)
+            )
+            session.commit()
+
+    # -- timers -------------------------------------------------------------------
+
+    def next_timer_due(self) -> datetime | None:
+        query = select(func.min(Timer.due_at)).where(col(Timer.fired_at).is_(None))
+        with self.session() as session:
+            return session.exec(query).one()
+
+    def due_timers(self, limit: int) -> list[Timer]:
+        query = (
+            select(Timer)
+            .where(col(Timer.fired_at).is_(None))
+            .where(col(Timer.due_at) <= utcnow())
+            .order_by(col(Timer.due_at), col(Timer.id))
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.exec(query))
+
+    def timers_of(self, request_id: str) -> list[Timer]:
+        query = select(Timer).where(Timer.request_id == request_id).order_by(col(Timer.due_at))
+        with self.session() as session:
+            return list(session.exec(query))
+
+    def fire_timer(self, timer_id: int, act: Callable[[Session, FeedbackRequest], bool]) -> bool:
+        """Claim the timer (the one conditional update that wins) and act on its request, atomically.
+
+        `act` gets the session and the request, adds what it changes and
+        returns False when the request no longer needs it; the timer is
+        marked fired either way, so it never fires twice.
+        """
+        with self.session() as session:
+            claimed = session.execute(
+                sa.update(Timer)
+                .where(col(Timer.id) == timer_id)
+                .where(col(Timer.fired_at).is_(None))
+                .values(fired_at=utcnow())
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
+                session.rollback()
+                return False
+            timer = session.get(Timer, timer_id)
+            request = session.get(FeedbackRequest, timer.request_id) if timer else None
+            acted = request is not None and act(session, request)
+            session.commit()
+            return acted
+
+    def cancel_timers(
+        self, session: Session, request_id: str, kinds: Sequence[str] | None = None
+    ) -> None:
+        query = (
+            sa.update(Timer)
+            .where(col(Timer.request_id) == request_id)
+            .where(col(Timer.fired_at).is_(None))
+        )
+        if kinds is not None:
+            query = query.where(col(Timer.kind).in_(list(kinds)))
+        session.execute(query.values(fired_at=utcnow()))
+
+    # -- outbox ---------------------------------------------------------------
+
+    def claim_outbox(self, limit: int, lease: timedelta) -> list[OutboxMessage]:
+        now = utcnow()
+        due = (
+            select(OutboxMessage.id)
+            .where(OutboxMessage.status == OutboxStatus.QUEUED)
+            .where(col(OutboxMessage.next_attempt_at) <= now)
+            .where(
+                sa.or_(
+                    col(OutboxMessage.lease_until).is_(None), col(OutboxMessage.lease_until) < now
+                )
+            )
+            .order_by(col(OutboxMessage.next_attempt_at), col(OutboxMessage.id))
+            .limit(limit)
+        )
+        return self._claim(OutboxMessage, due, now, lease)
+
+    def update_outbox(self, message_id: int, also: Sequence[Any] = (), **values: Any) -> None:
+        with self.session() as session:
+            session.execute(
+                sa.update(OutboxMessage).where(col(OutboxMessage.id) == message_id).values(**values)
+            )
+            session.add_all(also)
+            session.commit()
+
+    def update_outbox_many(
+        self, updates: Sequence[tuple[int, dict[str, Any]]], events: Sequence[AuditEvent] = ()
+    ) -> None:
+        """Several outbox rows changed, (id, values) each, and their audit events, in one commit.
+
+        Core statements, not ORM objects: the sending stage marks every sent
+        message, and an ORM UPDATE cost more than the sending itself.
+        """
+        outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
+        audit = AuditEvent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            for keys, params in _by_keys(updates).items():
+                statement = (
+                    sa.update(outbox)
+                    .where(outbox.c.id == sa.bindparam("_id"))
+                    .values({key: sa.bindparam(key) for key in keys})
+                )
+                conn.execute(statement, params)  # one executemany per shape of change
+            if events:
+                conn.execute(
+                    sa.insert(audit),
+                    [
+                        {c.name: getattr(e, c.name) for c in audit.columns if c.name != "id"}
+                        for e in events
+                    ],
+                )
+
+    def next_outbox_due(self) -> datetime | None:
+        query = select(func.min(OutboxMessage.next_attempt_at)).where(
+            OutboxMessage.status == OutboxStatus.QUEUED
+        )
+        with self.session() as session:
+            return session.exec(query).one()
+
+    def recent_mail_exists(
+        self, recipient: str, kind: str, request_id: str | None, since: datetime
+    ) -> bool:
+        query = (
+            select(OutboxMessage.id)
+            .where(func.lower(OutboxMessage.recipient) == recipient.lower())
+            .where(OutboxMessage.kind == kind)
+            .where(col(OutboxMessage.created_at) >= since)
+            .limit(1)
+        )
+        if request_id is not None:
+            query = query.where(OutboxMessage.request_id == request_id)
+        with self.session() as session:
+            return session.exec(query).first() is not None
+
+    def outbox_for(self, request_id: str) -> list[OutboxMessage]:
+        query = (
+            select(OutboxMessage)
+            .where(OutboxMessage.request_id == request_id)
+            .order_by(col(OutboxMessage.id))
+        )
+        with self.session() as session:
+            return list(session.exec(query))
+
+    # -- inbound --------------------------------------------------------------
+
+    def store_inbound(
+        self, dedupe_key: str, envelope_from: str, recipients: list[str], raw: bytes
+    ) -> bool:
+        """Durably store a received message; False when the same message is already stored."""
+        return self.store_inbound_many([(dedupe_key, envelope_from, recipients, raw)])[0]
+
+    def store_inbound_many(self, messages: Sequence[InboundItem]) -> list[bool]:
+        """Store several received messages in ONE statement and ONE commit.
+
+        Each item is (dedupe key, envelope sender, recipients, raw bytes); the
+        result says, per item, whether it was stored (False: a message with
+        that key is already stored, or came earlier in the same batch). Either
+        every message is committed or, on an exception, none is. The INSERT
+        skips duplicate keys and RETURNs the keys it stored (SQLite ≥ 3.35).
+        """
+        if not messages:
+            return []
+        table = InboundMessage.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        insert = _insert_ignoring(self.engine.dialect.name, table, "dedupe_key")
+        rows = [
+            {
+                "dedupe_key": key,
+                "envelope_from": envelope_from,
+                "recipients": recipients,
+                "raw": raw,
+                "received_at": now,
+                "status": InboundStatus.NEW,
+                "attempts": 0,
+            }
+            for key, envelope_from, recipients, raw in messages
+        ]
+        with self.engine.begin() as conn:
+            inserted = set(
+                conn.execute(insert.values(rows).returning(table.c.dedupe_key)).scalars()
+            )
+        stored = []
+        for key, *_ in messages:
+            stored.append(key in inserted)
+            inserted.discard(key)  # a second copy in the same batch is a duplicate
+        return stored
+
+    def claim_inbound(self, limit: int, lease: timedelta) -> list[InboundMessage]:
+        now = utcnow()
+        due = (
+            select(InboundMessage.id)
+            .where(InboundMessage.status == InboundStatus.NEW)
+            .where(
+                sa.or_(
+                    col(InboundMessage.lease_until).is_(None), col(InboundMessage.lease_until) < now
+                )
+            )
+            .order_by(col(InboundMessage.id))
+            .limit(limit)
+        )
+        return self._claim(InboundMessage, due, now, lease)
+
+    def renew_inbound_leases(self, inbound_ids: Sequence[int], lease: timedelta) -> None:
+        """Extend the leases of stored replies this daemon is still working on."""
+        with self.session() as session:
+            session.execute(
+                sa.update(InboundMessage)
+                .where(col(InboundMessage.id).in_(list(inbound_ids)))
+                .where(col(InboundMessage.status) == InboundStatus.NEW)
+                .values(lease_until=utcnow() + lease)
+            )
+            session.commit()
+
+    def finish_inbound(
+        self, inbound_id: int, result: str, request_id: str | None, also: Sequence[Any] = ()
+    ) -> None:
+        with self.session() as session:
+            _finish_inbound(session, inbound_id, result, request_id)
+            session.add_all(also)
+            session.commit()
+
+    # -- shared claim ---------------------------------------------------------
+
+    def _claim(self, table: Any, candidates: Any, now: datetime, lease: timedelta) -> list[Any]:
+        """Lease the candidate rows whose lease is free, in one conditional update; return those won.
+
+        The update's RETURNING names exactly the rows this caller leased: a
+        row another daemon leased in between fails the condition and is not
+        returned.
+        """
+        rows = table.__table__
+        with self.session() as session:
+            ids = list(session.exec(candidates))
+            if not ids:
+                session.rollback()
+                return []
+            won = list(
+                session.connection()
+                .execute(
+                    sa.update(rows)
+                    .where(rows.c.id.in_(ids))
+                    .where(sa.or_(rows.c.lease_until.is_(None), rows.c.lease_until < now))
+                    .values(lease_until=now + lease)
+                    .returning(rows.c.id)
+                )
+                .scalars()
+            )
+            session.commit()
+            if not won:
+                return []
+            return list(session.exec(select(table).where(table.id.in_(won)).order_by(table.id)))
+
+
+def _by_keys(
+    updates: Sequence[tuple[int, dict[str, Any]]],
+) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    grouped: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row_id, values in updates:
+        grouped.setdefault(tuple(sorted(values)), []).append({"_id": row_id, **values})
+    return grouped
+
+
+def _insert_ignoring(dialect: str, table: Any, unique_column: str) -> Any:
+    """INSERT ... ON CONFLICT (unique_column) DO NOTHING, for SQLite and PostgreSQL."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=[unique_column])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=[unique_column])
+
+
+def advance(
+    session: Session, request_id: str, from_status: Sequence[str], values: dict[str, Any]
+) -> bool:
+    """The conditional update behind every state change of a request (see `Store.transition`).
+
+    A core UPDATE on the session's connection (same transaction): the ORM's
+    bulk-update path, which also synchronises loaded objects, cost more than
+    the rest of answering a reply. Callers that hold the request object set
+    the new values on it themselves (timers.py).
+    """
+    requests = FeedbackRequest.__table__  # type: ignore[attr-defined]
+    result = session.connection().execute(
+        sa.update(requests)
+        .where(requests.c.id == request_id)
+        .where(requests.c.status.in_(list(from_status)))
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def insert_rows(session: Session, rows: Sequence[Any]) -> None:
+    """Insert new table objects (audit events, outbox rows) with core INSERTs, one per table.
+
+    What `session.add_all` + flush would write, without the unit of work: the
+    objects' own defaults are already set, and nobody reads their ids back.
+    """
+    by_shape: dict[tuple[Any, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for row in rows:
+        table = type(row).__table__
+        values = {
+            c.name: getattr(row, c.name)
+            for c in table.columns
+            if not (c.primary_key and getattr(row, c.name) is None)
+        }
+        by_shape.setdefault((table, tuple(values)), []).append(values)
+    for (table, _), batch in by_shape.items():
+        session.connection().execute(sa.insert(table), batch)
+
+
+def _finish_inbound(session: Session, inbound_id: int, result: str, request_id: str | None) -> None:
+    inbound = InboundMessage.__table__  # type: ignore[attr-defined]
+    session.connection().execute(
+        sa.update(inbound)
+        .where(inbound.c.id == inbound_id)
+        .values(status=InboundStatus.DONE, result=result, request_id=request_id)
+    )
+
+
+def audit_event(
+    request_id: str | None, event: str, actor: str, source: str | None = None, detail: Any = None
+) -> AuditEvent:
+    return AuditEvent(
+        request_id=request_id, at=utcnow(), event=event, actor=actor, source=source, detail=detail
+    )

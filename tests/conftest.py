@@ -1,0 +1,470 @@
+"""Fixtures: real servers on loopback, a real database, real daemon and flow processes.
+
+The database is SQLite by default; with HITL_MAIL_TEST_DB=postgres every test
+gets a fresh PostgreSQL database on the server named by HITL_MAIL_TEST_PG_URL
+(the suite is run once per backend by .ci/run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+TESTS = Path(__file__).parent
+FLOWS = TESTS / "flows"
+sys.path.insert(0, str(TESTS))
+
+from llm_server import FakeLLMServer  # noqa: E402
+
+from hitl_mail.resume import Resumer  # noqa: E402
+
+PG_URL = os.environ.get("HITL_MAIL_TEST_PG_URL", "")
+BACKEND = os.environ.get("HITL_MAIL_TEST_DB", "sqlite")
+QUIET_ENV = {
+    "CREWAI_DISABLE_TELEMETRY": "true",
+    "CREWAI_TRACING_ENABLED": "false",
+    "OTEL_SDK_DISABLED": "true",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "OPENAI_API_KEY": "test-key",
+}
+os.environ.update(QUIET_ENV)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- database ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    if BACKEND != "postgres":
+        yield f"sqlite:///{tmp_path / 'hitl.db'}"
+        return
+    if not PG_URL:
+        pytest.skip("HITL_MAIL_TEST_DB=postgres but HITL_MAIL_TEST_PG_URL is not set")
+    import sqlalchemy as sa
+
+    name = f"hitl_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# -- mail sink --------------------------------------------------------------------
+
+
+@dataclass
+class MailSink:
+    """A real aiosmtpd server on loopback that keeps every message it receives."""
+
+    port: int
+    messages: list[EmailMessage] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    controller: Controller | None = None
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.envelopes.append((envelope.mail_from or "", list(envelope.rcpt_tos)))
+        self.messages.append(
+            message_from_bytes(envelope.original_content or b"", policy=policy.default)
+        )  # type: ignore[arg-type]
+        return "250 OK"
+
+    def start(self) -> None:
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def of(self, event: str, request_id: str | None = None) -> list[EmailMessage]:
+        return [
+            m
+            for m in self.messages
+            if m["X-HITL-Event"] == event
+            and (request_id is None or m["X-HITL-Request-Id"] == request_id)
+        ]
+
+    def wait_for(
+        self, event: str, request_id: str | None = None, count: int = 1, timeout: float = 30.0
+    ) -> list[EmailMessage]:
+        return wait_until(
+            lambda: (found := self.of(event, request_id)) and len(found) >= count and found,
+            timeout,
+            what=f"{count} {event} email(s) for {request_id}",
+        )
+
+
+@pytest.fixture
+def mail_sink() -> Iterator[MailSink]:
+    sink = MailSink(free_port())
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+# -- LLM -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as server:
+        yield server
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+SECRET = "test-secret-key-0123456789abcdef"
+
+
+def write_config(
+    path: Path, *, database_url: str, smtp_port: int, relay_port: int, llm_url: str, extra: str = ""
+) -> Path:
+    path.write_text(
+        f"""
+[daemon]
+database_url = "{database_url}"
+secret_key = "{SECRET}"
+poll_interval = "100ms"
+resume_workers = 2
+shutdown_timeout = "10s"
+
+[inbound]
+host = "127.0.0.1"
+port = {smtp_port}
+reply_domain = "reply.example.com"
+max_message_size = "200KB"
+
+[outbound]
+host = "127.0.0.1"
+port = {relay_port}
+from_address = "Reviews <reviews@example.com>"
+timeout = "5s"
+retry_initial = "500ms"
+retry_max = "2s"
+
+[llm]
+model = "gpt-4o-mini"
+api_base = "{llm_url}"
+api_key = "test-key"
+timeout = "5s"
+retries = 1
+
+[routing]
+default_assignee = "owner@example.com"
+
+[flows]
+import_paths = ["{FLOWS}"]
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@dataclass
+class Setup:
+    """Everything one end-to-end test works with."""
+
+    tmp: Path
+    config: Path
+    smtp_port: int
+    sink: MailSink
+    llm: FakeLLMServer
+    events_file: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HITL_MAIL_CONFIG": str(self.config),
+            "HITL_TEST_EVENTS": str(self.events_file),
+            "PYTHONPATH": str(FLOWS),
+        }
+
+    # daemon
+    def start_daemon(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"daemon-{len(self.processes)}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hitl_mail.cli", "serve", "--config", str(self.config)],
+                env=env or self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(proc)
+        wait_until(
+            lambda: _accepts(self.smtp_port) or proc.poll() is not None, 60, what="daemon SMTP port"
+        )
+        assert proc.poll() is None, self.daemon_log()
+        return proc
+
+    def stop_daemon(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+        proc.send_signal(sig)
+        return proc.wait(timeout=30)
+
+    def daemon_log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.tmp.glob("daemon-*.log"))
+        )
+
+    # flows
+    def kickoff(
+        self, inputs: dict[str, Any] | None = None, flow: str = "ReviewFlow"
+    ) -> dict[str, Any]:
+        return self.kickoff_many(1, inputs, flow)[0]
+
+    def kickoff_many(
+        self, count: int, inputs: dict[str, Any] | None = None, flow: str = "ReviewFlow"
+    ) -> list[dict[str, Any]]:
+        """Start `count` flows in ONE process (crewAI's import is paid once) until each pauses."""
+        args = f"json.loads({json.dumps(json.dumps(inputs or {}))}), {count}, {flow!r}"
+        code = f"import review_flows, json; review_flows.kickoff({args})"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=self.env,
+            capture_output=True,
+            timeout=180,
+            cwd=self.tmp,
+        )
+        assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+        lines = [line for line in out.stdout.decode().splitlines() if line.startswith("{")]
+        return [json.loads(line) for line in lines[-count:]]
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_file.exists():
+            return []
+        return [
+            json.loads(line) for line in self.events_file.read_text().splitlines() if line.strip()
+        ]
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: (
+                len(found := [e for e in self.events() if e["event"] == name]) >= count and found
+            ),
+            timeout,
+            what=f"flow event {name!r}\n{self.daemon_log()[-3000:]}",
+        )
+
+    # CLI
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hitl_mail.cli", *args, "--config", str(self.config)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def show(self, request_id: str) -> dict[str, Any]:
+        out = self.cli("requests", "show", request_id, "--json")
+        assert out.returncode == 0, out.stderr
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, database_url: str, mail_sink: MailSink, llm: FakeLLMServer
+) -> Iterator[Setup]:
+    smtp_port = free_port()
+    config = write_config(
+        tmp_path / "hitl-mail.toml",
+        database_url=database_url,
+        smtp_port=smtp_port,
+        relay_port=mail_sink.port,
+        llm_url=llm.url,
+    )
+    s = Setup(tmp_path, config, smtp_port, mail_sink, llm, tmp_path / "events.jsonl")
+    yield s
+    for proc in s.processes:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- in-process requests ----------------------------------------------------------------
+
+
+def request_context(**changes: Any) -> dict[str, Any]:
+    """A pending context as crewAI builds it, for creating requests without running a flow."""
+    context: dict[str, Any] = {
+        "flow_id": "f1",
+        "flow_class": "review_flows.ReviewFlow",
+        "method_name": "review",
+        "message": "Approve?",
+        "method_output": "text",
+        "emit": ["approved", "rejected", "needs_revision"],
+        "default_outcome": None,
+        "llm": "gpt-4o-mini",
+        "metadata": {},
+    }
+    return {**context, **changes}
+
+
+async def until(check: Callable[[], Any], what: str = "condition", timeout: float = 15.0) -> Any:
+    """Poll `check` (a blocking call, run off the loop) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class ResumeParked(Resumer):
+    """The real resume stage, parked: an answered request stays `answered`.
+
+    Resuming is test_end_to_end's business; here it would only start worker
+    processes (each importing crewAI) and move the status on under the asserts.
+    """
+
+    def warm_up(self) -> None:
+        return None
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+
+
+# -- replying ---------------------------------------------------------------------------------
+
+
+def reply_to(
+    notification: EmailMessage,
+    body: str,
+    *,
+    sender: str | None = None,
+    headers: dict[str, str] | None = None,
+    to: str | None = None,
+) -> EmailMessage:
+    """A reply as a mail client writes it: threaded, quoting the notification below."""
+    # Unfolded, as mail clients write threading headers (never as RFC 2047 words).
+    reply = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    reply["From"] = sender or str(notification["To"])
+    reply["To"] = to or str(notification["Reply-To"])
+    reply["Subject"] = "Re: " + str(notification["Subject"])
+    reply["Message-ID"] = f"<{uuid.uuid4().hex}@client.example.org>"
+    reply["In-Reply-To"] = str(notification["Message-ID"])
+    reply["References"] = str(notification["Message-ID"])
+    for name, value in (headers or {}).items():
+        reply[name] = value
+    quoted = "\n".join(
+        "> " + line for line in "Approve the budget?\nReply with one of ...".splitlines()
+    )
+    reply.set_content(
+        f"{body}\n\nOn Mon, 23 Nov 2026 at 10:02, Reviews <reviews@example.com> wrote:\n{quoted}\n"
+    )
+    return reply
+
+
+def send(
+    port: int,
+    message: EmailMessage,
+    *,
+    envelope_from: str | None = None,
+    recipients: list[str] | None = None,
+) -> None:
+    async def go() -> None:
+        await aiosmtplib.send(
+            message,
+            hostname="127.0.0.1",
+            port=port,
+            sender=envelope_from if envelope_from is not None else None,
+            recipients=recipients,
+            timeout=30,
+        )
+
+    asyncio.run(go())
+
+
+def send_async_many(port: int, messages: list[EmailMessage]) -> list[BaseException | None]:
+    async def one(message: EmailMessage) -> BaseException | None:
+        try:
+            await aiosmtplib.send(message, hostname="127.0.0.1", port=port, timeout=30)
+        except Exception as exc:
+            return exc
+        return None
+
+    async def go() -> list[BaseException | None]:
+        return list(await asyncio.gather(*(one(m) for m in messages)))
+
+    return asyncio.run(go())
+
+
+def run_in_thread(fn: Callable[[], Any]) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Collect what tests left for the garbage collector now, not at interpreter exit.
+
+    Engines of stores a test did not close still hold pooled PostgreSQL
+    connections; collected after the session, their ResourceWarning would fail
+    a run whose tests all passed. Leaks inside a test still fail that test.
+    """
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

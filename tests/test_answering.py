@@ -1,0 +1,593 @@
+"""Replies, in process: what the SMTP edge refuses, what the answering stage records, who is told.
+
+Each test runs the real `App` (SMTP listener, answering and sending stages) on
+loopback against a real database, sends real SMTP, and asserts on what a user
+or an operator could observe: SMTP reply codes, the request's status, its
+audit trail, and the mail that reached the relay (`mail_sink`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosmtplib
+import pytest
+from conftest import (
+    MailSink,
+    ResumeParked,
+    free_port,
+    reply_to,
+    request_context,
+    until,
+    write_config,
+)
+from llm_server import FakeLLMServer
+from sqlmodel import select
+
+from hitl_mail import app as app_module
+from hitl_mail import intake, outcomes, tokens
+from hitl_mail.app import App
+from hitl_mail.config import Config, load_config
+from hitl_mail.models import (
+    AuditEvent,
+    FeedbackRequest,
+    InboundMessage,
+    OutboxMessage,
+    OutboxStatus,
+    utcnow,
+)
+from hitl_mail.store import Store
+
+T = TypeVar("T")
+
+ASSIGNEE = "owner@example.com"
+FORGER = "mallory@attacker.example.net"
+OPTIONS = ["approved", "rejected", "needs_revision"]
+CONTEXT: dict[str, Any] = request_context(emit=OPTIONS)
+# Serialise as a mail client does: no folding, so long Message-IDs stay msg-ids
+# (the stdlib would otherwise rewrite them as RFC 2047 encoded words).
+CLIENT = policy.SMTP.clone(max_line_length=None)
+
+
+@dataclass
+class Daemon:
+    """A running `App` and what a test needs around it."""
+
+    app: App
+    config: Config
+    sink: MailSink
+    llm: FakeLLMServer
+
+    @property
+    def store(self) -> Store:
+        return self.app.store
+
+    @property
+    def port(self) -> int:
+        return self.app.smtp_port
+
+    def create(self, **context: Any) -> FeedbackRequest:
+        return intake.create_request(self.config, self.store, {**CONTEXT, **context}, state={})
+
+    async def notified(self, **context: Any) -> tuple[FeedbackRequest, EmailMessage]:
+        """A new pending request and the notification the assignee received for it."""
+        request = self.create(**context)
+        [notification] = await until(
+            lambda: self.sink.of("notification", request.id), "the notification"
+        )
+        return request, notification
+
+    def events(self, request_id: str) -> list[str]:
+        return [event.event for event in self.store.trail(request_id)]
+
+    async def event(self, request_id: str, name: str, count: int = 1) -> list[AuditEvent]:
+        def found() -> list[AuditEvent]:
+            events = [e for e in self.store.trail(request_id) if e.event == name]
+            return events if len(events) >= count else []
+
+        return await until(found, f"{count} {name!r} event(s) for request {request_id}")
+
+    async def settled(self, request_id: str) -> list[OutboxMessage]:
+        """Every mail queued for the request so far, once none is still waiting to be sent."""
+
+        def done() -> list[OutboxMessage]:
+            rows = self.store.outbox_for(request_id)
+            return [] if any(r.status == OutboxStatus.QUEUED for r in rows) else rows
+
+        return await until(done, f"the outbox of request {request_id} to drain")
+
+    def mail_to(self, address: str) -> list[EmailMessage]:
+        return [
+            message
+            for (_, recipients), message in zip(
+                self.sink.envelopes, self.sink.messages, strict=True
+            )
+            if address in [r.lower() for r in recipients]
+        ]
+
+    def inbound(self) -> list[InboundMessage]:
+        with self.store.session() as session:
+            return list(session.exec(select(InboundMessage).order_by(InboundMessage.id)))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def config(tmp_path: Path, database_url: str, mail_sink: MailSink, llm: FakeLLMServer) -> Config:
+    path = write_config(
+        tmp_path / "hitl-mail.toml",
+        database_url=database_url,
+        smtp_port=free_port(),
+        relay_port=mail_sink.port,
+        llm_url=llm.url,
+    )
+    return load_config(path)
+
+
+@pytest.fixture
+async def daemon(
+    config: Config, mail_sink: MailSink, llm: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Daemon]:
+    monkeypatch.setattr(app_module, "Resumer", ResumeParked)
+    async with App(config) as app:
+        yield Daemon(app, config, mail_sink, llm)
+    await outcomes.close_llm_clients()
+
+
+async def deliver(
+    port: int, message: EmailMessage | bytes, *, mail_from: str, rcpt: list[str]
+) -> aiosmtplib.SMTPResponse:
+    """One SMTP transaction; returns the server's answer to the end of DATA."""
+    raw = message if isinstance(message, bytes) else message.as_bytes(policy=CLIENT)
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10) as smtp:
+        await smtp.mail(mail_from)
+        for address in rcpt:
+            await smtp.rcpt(address)
+        return await smtp.data(raw)
+
+
+async def answer(daemon: Daemon, reply: EmailMessage, *, mail_from: str = ASSIGNEE) -> None:
+    response = await deliver(daemon.port, reply, mail_from=mail_from, rcpt=[str(reply["To"])])
+    assert response.code == 250
+
+
+def replace(message: EmailMessage, **headers: str | None) -> EmailMessage:
+    """Set (or, with None, remove) headers; names use `_` for `-`."""
+    for name, value in headers.items():
+        header = name.replace("_", "-")
+        del message[header]
+        if value is not None:
+            message[header] = value
+    return message
+
+
+def options_in(mail: EmailMessage) -> bool:
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    return all(option in text for option in OPTIONS)
+
+
+# -- refused at the SMTP edge -------------------------------------------------------------
+
+
+async def refused_at_rcpt(daemon: Daemon, recipient: str) -> aiosmtplib.SMTPRecipientRefused:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, timeout=10) as smtp:
+        await smtp.ehlo()
+        await smtp.mail(ASSIGNEE)
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await smtp.rcpt(recipient)
+    return refused.value
+
+
+async def test_a_recipient_in_another_domain_is_refused_so_the_listener_is_never_an_open_relay(
+    daemon: Daemon,
+) -> None:
+    refused = await refused_at_rcpt(daemon, "someone@elsewhere.example.net")
+    assert refused.code == 550
+    assert "relay" in refused.message.lower()
+    assert daemon.inbound() == []
+
+
+async def test_a_forged_token_is_refused_at_rcpt(daemon: Daemon) -> None:
+    request = daemon.create()
+    forged = tokens.mint(request.id, ASSIGNEE, ["not-our-secret-key-0123456789"])
+    assert tokens.looks_like_token(forged)  # well-formed: only the signature is wrong
+
+    refused = await refused_at_rcpt(daemon, f"reply+{forged}@reply.example.com")
+
+    assert refused.code == 550
+    assert daemon.inbound() == []
+
+
+async def test_a_token_minted_for_another_address_is_refused_at_rcpt(daemon: Daemon) -> None:
+    request = daemon.create()
+    for_forger = tokens.mint(request.id, FORGER, daemon.config.secret_keys)
+
+    refused = await refused_at_rcpt(daemon, f"reply+{for_forger}@reply.example.com")
+
+    assert refused.code == 550
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "reply+garbage@reply.example.com",
+        "reply+" + "!" * 48 + "@reply.example.com",
+        "someone-else@reply.example.com",
+    ],
+)
+async def test_a_local_part_that_carries_no_token_is_refused_at_rcpt(
+    daemon: Daemon, recipient: str
+) -> None:
+    refused = await refused_at_rcpt(daemon, recipient)
+    assert refused.code == 550
+
+
+async def test_a_message_larger_than_max_message_size_is_refused_with_552(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    big = reply_to(notification, "approved\n" + "x" * 76 * 3000)  # ~230 KB > 200KB
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, timeout=10) as smtp:
+        await smtp.ehlo()
+        assert smtp.esmtp_extensions["size"] == "200000"
+        await smtp.mail(ASSIGNEE)
+        await smtp.rcpt(str(notification["Reply-To"]))
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await smtp.data(big.as_bytes(policy=CLIENT))
+    assert refused.value.code == 552
+    assert daemon.inbound() == []
+    assert daemon.store.get(request.id).status == "pending"
+
+
+# -- matched ------------------------------------------------------------------------------
+
+
+def mixed_case(text: str) -> str:
+    return "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(text))
+
+
+@pytest.mark.parametrize("case", [str.upper, str.lower, mixed_case])
+async def test_the_token_is_matched_whatever_the_letter_case_of_the_recipient(
+    daemon: Daemon, case: Callable[[str], str]
+) -> None:
+    request, notification = await daemon.notified()
+    recipient = case(str(notification["Reply-To"]))
+
+    await answer(daemon, reply_to(notification, "Approved", to=recipient))
+
+    await daemon.event(request.id, "answered")
+    answered = daemon.store.get(request.id)
+    assert (answered.status, answered.outcome, answered.source) == ("answered", "approved", "email")
+
+
+@pytest.mark.parametrize("separator", ["\r\n ", ", "], ids=["folded", "comma-joined"])
+async def test_a_reply_whose_plus_tag_was_stripped_is_matched_through_references(
+    daemon: Daemon, separator: str
+) -> None:
+    request, notification = await daemon.notified()
+    thread = [
+        "<older.1@client.example.org>",
+        str(notification["Message-ID"]),
+        "<CAB+xyz=later@mail.gmail.com>",
+    ]
+    bare = "reply@reply.example.com"
+    reply = replace(
+        reply_to(notification, "Rejected", to=bare), In_Reply_To=None, References=" ".join(thread)
+    )
+    raw = reply.as_bytes(policy=CLIENT).replace(
+        " ".join(thread).encode(), separator.join(thread).encode()
+    )
+
+    response = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=[bare])
+
+    assert response.code == 250
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "rejected"
+
+
+# -- not recorded, and nobody but the token's address is mailed ---------------------------
+
+
+async def test_a_reply_from_another_address_records_nothing_and_never_mails_that_address(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+
+    await answer(daemon, reply_to(notification, "Approved", sender=FORGER), mail_from=FORGER)
+
+    [refusal] = await daemon.event(request.id, "reply_wrong_sender")
+    assert refusal.detail["from"] == FORGER
+    assert daemon.store.get(request.id).status == "pending"
+    queued = await daemon.settled(request.id)
+    assert {row.recipient for row in queued} == {ASSIGNEE}
+    assert daemon.mail_to(FORGER) == []
+    [warning] = daemon.sink.of("error", request.id)
+    assert warning["X-HITL-Error"] == "wrong_sender"
+    assert warning["To"] == ASSIGNEE
+    assert daemon.sink.of("confirmation", request.id) == []
+
+
+async def test_a_reply_to_an_expired_token_records_nothing_and_explains_to_the_tokens_address(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    eight_days_ago = utcnow() - timedelta(days=8)
+    old = tokens.mint(request.id, ASSIGNEE, daemon.config.secret_keys, now=eight_days_ago)
+
+    await answer(daemon, reply_to(notification, "Approved", to=f"reply+{old}@reply.example.com"))
+
+    await daemon.event(request.id, "reply_expired")
+    assert daemon.store.get(request.id).status == "pending"
+    await daemon.settled(request.id)
+    [expired] = daemon.sink.of("error", request.id)
+    assert expired["X-HITL-Error"] == "expired"
+    assert expired["To"] == ASSIGNEE  # the token's own address, who happens to be the sender
+    assert daemon.sink.of("confirmation", request.id) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Auto_Submitted": "auto-replied"},
+        {"Subject": "Out of Office: Re: Approve?"},
+    ],
+    ids=["auto-submitted", "out-of-office-subject"],
+)
+async def test_an_auto_reply_records_nothing_and_sends_no_mail_at_all(
+    daemon: Daemon, headers: dict[str, str]
+) -> None:
+    request, notification = await daemon.notified()
+    reply = replace(reply_to(notification, "I am out of the office until Monday."), **headers)
+
+    await answer(daemon, reply)
+
+    [refusal] = await daemon.event(request.id, "reply_machine_mail")
+    assert refusal.actor == ASSIGNEE
+    assert daemon.store.get(request.id).status == "pending"
+    queued = await daemon.settled(request.id)
+    assert [row.kind for row in queued] == ["notification"]
+    assert len(daemon.sink.messages) == 1  # the notification, nothing since
+    assert daemon.llm.requests == []
+
+
+async def test_a_bounce_with_a_null_sender_records_nothing_and_sends_no_mail_at_all(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    recipient = str(notification["Reply-To"])
+    bounce = (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.client.example.org>\r\n"
+        f"To: {recipient}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Message-ID: <bounce.1@mx.client.example.org>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
+        "\r\n"
+        "--B\r\n"
+        "Content-Type: text/plain\r\n"
+        "\r\n"
+        "approved\r\n"
+        "--B\r\n"
+        "Content-Type: message/delivery-status\r\n"
+        "\r\n"
+        "Reporting-MTA: dns; mx.client.example.org\r\n"
+        "\r\n"
+        "Final-Recipient: rfc822; owner@example.com\r\n"
+        "Action: failed\r\n"
+        "Status: 5.1.1\r\n"
+        "--B--\r\n"
+    ).encode()
+
+    response = await deliver(daemon.port, bounce, mail_from="", rcpt=[recipient])
+
+    assert response.code == 250
+    [refusal] = await daemon.event(request.id, "reply_machine_mail")
+    assert refusal.detail["why"].startswith("bounce")
+    assert daemon.store.get(request.id).status == "pending"
+    assert [row.kind for row in await daemon.settled(request.id)] == ["notification"]
+    assert len(daemon.sink.messages) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Auto_Submitted": "no"}, {"X_Auto_Response_Suppress": "All"}],
+    ids=["auto-submitted-no", "x-auto-response-suppress"],
+)
+async def test_a_person_s_reply_with_headers_that_look_automatic_is_answered(
+    daemon: Daemon, headers: dict[str, str]
+) -> None:
+    request, notification = await daemon.notified()
+
+    await answer(daemon, replace(reply_to(notification, "Approved"), **headers))
+
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "approved"
+
+
+# -- at most once ---------------------------------------------------------------------------
+
+
+async def test_the_same_message_delivered_twice_is_answered_once_with_one_confirmation(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    reply = reply_to(notification, "Approved")
+    raw = reply.as_bytes(policy=CLIENT)
+    recipient = [str(notification["Reply-To"])]
+
+    first = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=recipient)
+    await daemon.event(request.id, "answered")
+    second = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=recipient)
+
+    assert (first.code, second.code) == (250, 250)
+    assert len(daemon.inbound()) == 1
+    await daemon.settled(request.id)
+    await asyncio.sleep(0.5)  # several poll intervals: a second processing would show by now
+    assert len(daemon.sink.of("confirmation", request.id)) == 1
+    assert daemon.sink.of("error", request.id) == []
+    events = daemon.events(request.id)
+    assert events.count("answered") == 1
+    assert "reply_already_answered" not in events
+
+
+async def test_a_message_without_message_id_delivered_twice_is_deduplicated_by_content(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    reply = replace(reply_to(notification, "Approved"), Message_ID=None)
+    raw = reply.as_bytes(policy=CLIENT)
+    assert b"Message-ID" not in raw
+    recipient = [str(notification["Reply-To"])]
+
+    first = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=recipient)
+    second = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=recipient)
+
+    assert (first.code, second.code) == (250, 250)
+    [stored] = daemon.inbound()
+    assert stored.dedupe_key.startswith("sha256:")
+    await daemon.event(request.id, "answered")
+    await daemon.settled(request.id)
+    assert len(daemon.sink.of("confirmation", request.id)) == 1
+    assert daemon.sink.of("error", request.id) == []
+
+
+async def test_two_replies_at_once_answer_once_and_the_second_is_told_it_was_already_answered(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    replies = [reply_to(notification, "Approved"), reply_to(notification, "Rejected")]
+
+    responses = await asyncio.gather(*(answer(daemon, reply) for reply in replies))
+
+    assert responses == [None, None]
+    await daemon.event(request.id, "answered")
+    await daemon.event(request.id, "reply_already_answered")
+    await daemon.settled(request.id)
+    events = daemon.events(request.id)
+    assert events.count("answered") == 1
+    assert events.count("reply_already_answered") == 1
+    answered = daemon.store.get(request.id)
+    assert answered.outcome in {"approved", "rejected"}
+    [confirmation] = daemon.sink.of("confirmation", request.id)
+    assert confirmation["X-HITL-Outcome"] == answered.outcome
+    [already] = daemon.sink.of("error", request.id)
+    assert already["X-HITL-Error"] == "already_answered"
+    assert already["To"] == ASSIGNEE
+
+
+# -- undecided ------------------------------------------------------------------------------
+
+
+async def test_when_the_llm_fails_the_request_stays_pending_and_the_responder_is_told_the_options(
+    daemon: Daemon,
+) -> None:
+    daemon.llm.mode = "fail"
+    request, notification = await daemon.notified()
+    text = "Let us go with whatever finance prefers this quarter"
+
+    await answer(daemon, reply_to(notification, text))
+
+    [undecided] = await daemon.event(request.id, "reply_undecided")
+    assert text in undecided.detail["why"]["text"]
+    assert undecided.detail["why"]["llm_calls"] == len(daemon.llm.requests) >= 1
+    assert daemon.store.get(request.id).status == "pending"
+    await daemon.settled(request.id)
+    [told] = daemon.sink.of("error", request.id)
+    assert told["X-HITL-Error"] == "undecided"
+    assert told["To"] == ASSIGNEE
+    assert options_in(told)
+
+    llm_calls = len(daemon.llm.requests)
+    await answer(daemon, reply_to(notification, "rejected"))
+
+    await daemon.event(request.id, "answered")
+    answered = daemon.store.get(request.id)
+    assert (answered.status, answered.outcome) == ("answered", "rejected")
+    assert len(daemon.llm.requests) == llm_calls  # an exact option needs no LLM
+
+
+async def test_an_empty_reply_without_a_default_outcome_stays_pending_and_is_told_the_options(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified(default_outcome=None)
+
+    await answer(daemon, reply_to(notification, ""))
+
+    await daemon.event(request.id, "reply_undecided")
+    assert daemon.store.get(request.id).status == "pending"
+    await daemon.settled(request.id)
+    [told] = daemon.sink.of("error", request.id)
+    assert told["X-HITL-Error"] == "undecided"
+    assert options_in(told)
+    assert daemon.llm.requests == []
+
+
+async def test_an_empty_reply_takes_the_default_outcome_without_an_llm_call(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified(default_outcome="rejected")
+
+    await answer(daemon, reply_to(notification, ""))
+
+    await daemon.event(request.id, "answered")
+    answered = daemon.store.get(request.id)
+    assert (answered.status, answered.outcome) == ("answered", "rejected")
+    assert daemon.llm.requests == []
+
+
+# -- malformed mail -------------------------------------------------------------------------
+
+
+def truncated_mime(recipient: str) -> bytes:
+    return (
+        f"From: {ASSIGNEE}\r\nTo: {recipient}\r\nSubject: Re: Approve?\r\n"
+        "Message-ID: <truncated.1@client.example.org>\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="CUT"\r\n\r\n'
+        "--CUT\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\nYXBwcm92ZWQKCk9uIE1vbiwg\r\n--CU"
+    ).encode()
+
+
+def binary_junk(recipient: str) -> bytes:
+    headers = f"From: {ASSIGNEE}\r\nTo: {recipient}\r\nSubject: Re: Approve?\r\n\r\n"
+    return headers.encode() + bytes(range(256)) * 8
+
+
+def nul_in_message_id(recipient: str) -> bytes:
+    return (
+        f"From: {ASSIGNEE}\r\nTo: {recipient}\r\nSubject: Re: Approve?\r\n"
+        "Message-ID: <nul\x00inside@client.example.org>\r\n\r\nApproved\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [truncated_mime, binary_junk, nul_in_message_id],
+    ids=["truncated-mime", "binary-junk", "nul-in-message-id"],
+)
+async def test_a_malformed_message_is_stored_and_processed_and_the_listener_keeps_working(
+    daemon: Daemon, malformed: Callable[[str], bytes]
+) -> None:
+    broken, broken_notification = await daemon.notified()
+    recipient = str(broken_notification["Reply-To"])
+
+    response = await deliver(
+        daemon.port, malformed(recipient), mail_from=ASSIGNEE, rcpt=[recipient]
+    )
+
+    assert response.code == 250
+    processed = await until(
+        lambda: [m for m in daemon.inbound() if m.status == "done"], "the malformed message"
+    )
+    assert processed[0].request_id == broken.id
+    assert processed[0].result is not None
+
+    request, notification = await daemon.notified()
+    await answer(daemon, reply_to(notification, "Needs revision"))
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "needs_revision"

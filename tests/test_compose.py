@@ -1,0 +1,551 @@
+"""The emails hitl-mail writes, read back the way a mail client would read them."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from functools import partial
+from html.parser import HTMLParser
+from typing import Any, cast, get_args
+
+import pydantic
+import pytest
+
+from hitl_mail.compose import (
+    ErrorKind,
+    RequestContent,
+    Sender,
+    auto_response,
+    confirmation,
+    error_mail,
+    make_message_id,
+    notification,
+    reminder,
+    sender_domain,
+    token_from_message_id,
+)
+
+SENDER = Sender("Reviews <reviews@mail.example.com>")
+TO = "Ann Example <ann@example.org>"
+TOKEN = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpjqwe3dd"  # tokens.py shape: 48 base32
+REPLY_TO = f"reply+{TOKEN}@reply.example.com"
+THREAD_ID = f"<hitl.{TOKEN}.0123456789abcdef@mail.example.com>"
+DEADLINE = datetime(2030, 3, 4, 15, 30, tzinfo=UTC)
+EXPIRES = datetime(2030, 3, 11, 9, 0, tzinfo=UTC)
+MARKDOWN = """# Draft post
+
+The launch is **on track**.
+
+| metric | value |
+|--------|------:|
+| users  | 1200  |
+
+```python
+print("<hi>")
+```
+"""
+
+
+def make_content(**changes: Any) -> RequestContent:
+    content = RequestContent(
+        request_id="aaaabbbbccccdddd",
+        flow_class="blog.flows.PostFlow",
+        method_name="review_draft",
+        message="Approve this draft?",
+        method_output=MARKDOWN,
+        emit=("approved", "rejected", "needs_revision"),
+        default_outcome="needs_revision",
+        deadline=None,
+    )
+    return dataclasses.replace(content, **changes)
+
+
+def build_notification(content: RequestContent | None = None, **kwargs: Any) -> EmailMessage:
+    message_id = make_message_id(sender_domain(SENDER.from_address), TOKEN)
+    return notification(
+        content or make_content(),
+        sender=SENDER,
+        to=TO,
+        reply_to=REPLY_TO,
+        message_id=message_id,
+        token=TOKEN,
+        **kwargs,
+    )
+
+
+def send_notification(content: RequestContent | None = None, **kwargs: Any) -> EmailMessage:
+    return received(build_notification(content, **kwargs))
+
+
+def received(message: EmailMessage) -> EmailMessage:
+    """The message as a recipient's client parses it from the wire."""
+    return email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+
+
+def html_of(message: EmailMessage) -> str:
+    part = message.get_body(("html",))
+    assert part is not None
+    return cast(str, part.get_content())
+
+
+def text_of(message: EmailMessage) -> str:
+    part = message.get_body(("plain",))
+    assert part is not None
+    return cast(str, part.get_content()).replace("\r\n", "\n")  # as sent: CRLF
+
+
+class ElementCollector(HTMLParser):
+    """Every start tag and its attributes, as a browser would see them."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(markup)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+
+def every_kind() -> dict[str, Callable[[], EmailMessage]]:
+    content = make_content(deadline=DEADLINE, auto_outcome="approved")
+    threaded: dict[str, Any] = {"sender": SENDER, "to": TO, "thread_id": THREAD_ID}
+    kinds: dict[str, Callable[[], EmailMessage]] = {
+        "notification": lambda: build_notification(content),
+        "reminder": lambda: reminder(content, reply_to=REPLY_TO, **threaded),
+        "confirmation": lambda: confirmation(content, outcome="ok", feedback="ok", **threaded),
+        "auto-response": lambda: auto_response(content, outcome="approved", **threaded),
+    }
+    for kind in get_args(ErrorKind):
+        kinds[f"error:{kind}"] = partial(error_mail, kind, content, reply_to=REPLY_TO, **threaded)
+    return kinds
+
+
+KINDS = every_kind()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_email_carries_the_headers_of_an_automated_hitl_message(kind: str) -> None:
+    message = received(KINDS[kind]())
+    assert message["From"] == SENDER.from_address
+    assert message["To"] == TO
+    assert message["Date"].datetime.tzinfo is not None
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message["X-Auto-Response-Suppress"] == "All"
+    assert message["X-HITL-Event"] == kind.partition(":")[0]
+    assert message["X-HITL-Request-Id"] == "aaaabbbbccccdddd"
+    message_id = message["Message-ID"]
+    assert message_id.startswith("<")
+    assert message_id.endswith(">")
+    assert message_id.rstrip(">").rpartition("@")[2] == "mail.example.com"
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "notification"])
+def test_every_follow_up_threads_under_the_notification_with_its_own_message_id(
+    kind: str,
+) -> None:
+    message = received(KINDS[kind]())
+    assert message["In-Reply-To"] == THREAD_ID
+    assert message["References"] == THREAD_ID
+    assert message["Message-ID"] != THREAD_ID
+    assert message["Subject"] == "Re: [Review] Approve this draft? — review_draft"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_email_is_seven_bit_clean_with_folded_headers(kind: str) -> None:
+    raw = KINDS[kind]().as_bytes()
+    assert raw.isascii()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    ids = (b"Message-ID:", b"In-Reply-To:", b"References:")  # a msg-id cannot be folded
+    assert all(len(line) <= 78 for line in head.split(b"\r\n") if not line.startswith(ids))
+    assert all(len(line) <= 78 for line in body.split(b"\r\n"))
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "notification"])
+def test_the_thread_id_is_written_as_is_for_threading_clients(kind: str) -> None:
+    raw = KINDS[kind]().as_bytes()
+    assert f"\r\nIn-Reply-To: {THREAD_ID}\r\n".encode() in raw
+    assert f"\r\nReferences: {THREAD_ID}\r\n".encode() in raw
+
+
+def test_the_notification_is_text_and_html_alternatives_with_the_token_in_reply_to() -> None:
+    message = send_notification()
+    assert message.get_content_type() == "multipart/alternative"
+    types = [part.get_content_type() for part in message.iter_parts()]
+    assert types == ["text/plain", "text/html"]
+    assert message["Reply-To"] == REPLY_TO
+    assert message["Subject"] == "[Review] Approve this draft? — review_draft"
+    assert token_from_message_id(message["Message-ID"]) == TOKEN
+
+
+def test_the_method_output_markdown_becomes_html_with_a_table_bold_and_code() -> None:
+    page = html_of(send_notification())
+    assert "<table" in page
+    assert "<strong" in page
+    assert "on track</strong>" in page
+    assert "<pre" in page
+    assert "monospace" in page
+    assert "&lt;hi&gt;" in page
+    assert 'align="right"' in page
+
+
+def test_the_html_is_one_600px_column_styled_inline_for_mail_clients() -> None:
+    page = html_of(send_notification())
+    assert 'name="viewport"' in page
+    assert "max-width:600px" in page
+    for tag, attributes in ElementCollector(page).elements:
+        if tag in {"h1", "p", "table", "th", "td", "pre"}:
+            assert attributes.get("style"), f"<{tag}> has no inline style"
+
+
+def test_the_text_part_keeps_the_markdown_source_not_html() -> None:
+    text = text_of(send_notification())
+    assert "The launch is **on track**." in text
+    assert "| users  | 1200  |" in text
+    assert "<table" not in text
+
+
+def test_raw_html_in_the_method_output_is_shown_as_text_never_run() -> None:
+    hostile = (
+        "Hi <script>alert(1)</script>\n\n<img src=x onerror=alert(2)>\n\n"
+        "[click](javascript:alert(3)) <a href='javascript:alert(4)'>x</a>"
+    )
+    page = html_of(send_notification(make_content(method_output=hostile)))
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    for tag, attributes in ElementCollector(page).elements:
+        assert tag not in {"script", "img", "iframe"}
+        assert not any(name.startswith("on") for name in attributes)
+        assert not any("javascript:" in (value or "").lower() for value in attributes.values())
+
+
+def test_every_interpolated_string_is_escaped_in_the_html() -> None:
+    content = make_content(
+        message="<b>Ship</b> it?",
+        flow_class="x.<i>Flow</i>",
+        emit=("<u>yes</u>", "no"),
+        method_output={"<key>": "<value>"},
+    )
+    page = html_of(send_notification(content))
+    tags = {tag for tag, _ in ElementCollector(page).elements}
+    assert not tags & {"b", "i", "u"}
+    assert "&lt;b&gt;Ship&lt;/b&gt; it?" in page
+    assert "&lt;key&gt;" in page
+    assert "&lt;value&gt;" in page
+
+
+def test_a_dict_output_is_a_table_of_keys_and_values_with_nested_values_as_json() -> None:
+    output = {"title": "Launch", "score": 0.9, "tags": ["a", "b"]}
+    message = send_notification(make_content(method_output=output))
+    page = html_of(message)
+    assert '<th scope="row"' in page
+    assert ">title</th>" in page
+    assert ">Launch</td>" in page
+    assert "<pre" in page
+    assert "&quot;a&quot;" in page
+    text = text_of(message)
+    assert "title: Launch" in text
+    assert "score: 0.9" in text
+    assert 'tags:\n  [\n    "a",' in text
+
+
+def test_a_pydantic_model_output_is_shown_like_its_dumped_dict() -> None:
+    class Verdict(pydantic.BaseModel):
+        label: str
+        confidence: float
+
+    message = send_notification(make_content(method_output=Verdict(label="ok", confidence=1)))
+    assert ">label</th>" in html_of(message)
+    assert "confidence: 1.0" in text_of(message)
+
+
+def test_a_list_output_is_a_bulleted_list() -> None:
+    message = send_notification(make_content(method_output=["first", {"n": 2}]))
+    page = html_of(message)
+    assert "<ul" in page
+    assert ">first</li>" in page
+    assert '- first\n- {\n    "n": 2\n  }' in text_of(message)
+
+
+@pytest.mark.parametrize("output", [None, "", {}, []])
+def test_an_empty_output_says_so(output: Any) -> None:
+    message = send_notification(make_content(method_output=output))
+    assert "(no output)" in text_of(message)
+    assert "(no output)" in html_of(message)
+
+
+def test_a_list_right_after_prose_renders_as_a_list_as_llms_expect() -> None:
+    page = html_of(send_notification(make_content(method_output="Changes:\n- one\n- two")))
+    assert "<ul" in page
+    assert ">one</li>" in page
+
+
+def test_the_notification_lists_the_outcomes_and_what_an_empty_reply_means() -> None:
+    message = send_notification()
+    text = " ".join(text_of(message).split())
+    assert (
+        "Reply with one of: approved, rejected, needs_revision — or write what should change."
+        in text
+    )
+    assert "An empty reply means needs_revision." in text
+    assert "<strong>needs_revision</strong>" in html_of(message)
+
+
+def test_a_request_without_outcomes_asks_for_feedback() -> None:
+    text = text_of(send_notification(make_content(emit=None, default_outcome=None)))
+    assert "Reply with your feedback." in text
+    assert "Reply with one of" not in text
+    assert "empty reply" not in text
+
+
+def test_the_deadline_and_what_happens_then_are_shown() -> None:
+    content = make_content(deadline=DEADLINE, auto_outcome="rejected")
+    text = " ".join(text_of(send_notification(content)).split())
+    assert "Please answer by 2030-03-04 15:30 UTC." in text
+    assert "If there is no answer by then, rejected is applied automatically." in text
+
+
+def test_no_deadline_means_no_deadline_sentence() -> None:
+    assert "Please answer by" not in text_of(send_notification())
+
+
+def test_the_footer_says_only_the_first_line_counts_and_the_link_is_personal() -> None:
+    text = " ".join(text_of(send_notification(expires_at=EXPIRES)).split())
+    assert "Reply to this email; only the first line of your reply is read." in text
+    assert "This link is personal to ann@example.org and expires 2030-03-11 09:00 UTC." in text
+
+
+def test_the_text_part_is_wrapped_to_a_readable_width() -> None:
+    long_output = "word " * 100 + "\n\n```\n" + "x" * 120 + "\n```"
+    text = text_of(send_notification(make_content(method_output=long_output)))
+    long_lines = [line for line in text.splitlines() if len(line) > 72]
+    assert long_lines == ["x" * 120]  # code is never rewrapped
+
+
+def test_the_message_id_uses_the_domain_of_the_from_address() -> None:
+    assert sender_domain("Reviews <Reviews@Mail.Example.COM>") == "mail.example.com"
+    assert sender_domain("bare@example.net") == "example.net"
+    message_id = make_message_id(sender_domain(SENDER.from_address))
+    assert message_id.endswith("@mail.example.com>")
+    with pytest.raises(ValueError, match="domain"):
+        sender_domain("no-domain")
+
+
+def test_a_token_survives_the_message_id_round_trip_in_any_letter_case() -> None:
+    message_id = make_message_id("mail.example.com", TOKEN)
+    assert token_from_message_id(message_id) == TOKEN
+    assert token_from_message_id(message_id.upper()) == TOKEN
+    assert token_from_message_id(f"  {message_id.strip('<>')}\r\n") == TOKEN
+
+
+def test_message_ids_are_unique_and_foreign_ones_carry_no_token() -> None:
+    assert make_message_id("example.com", TOKEN) != make_message_id("example.com", TOKEN)
+    assert token_from_message_id(make_message_id("example.com")) is None
+    assert token_from_message_id("<CAF=abc123@mail.gmail.com>") is None
+    assert token_from_message_id("") is None
+
+
+def test_a_token_that_cannot_sit_in_a_message_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="dot-atom"):
+        make_message_id("example.com", "bad token@")
+    with pytest.raises(ValueError, match="domain"):
+        make_message_id("exa mple.com")
+
+
+def test_a_notification_refuses_a_message_id_minted_for_another_token() -> None:
+    with pytest.raises(ValueError, match="another token"):
+        notification(
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            reply_to=REPLY_TO,
+            message_id=make_message_id("mail.example.com", "othertoken"),
+            token=TOKEN,
+        )
+
+
+def test_a_thread_id_must_be_one_message_id_and_may_lack_brackets() -> None:
+    bare = received(
+        confirmation(
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            thread_id="n1@x.example",
+            outcome=None,
+            feedback="",
+        )
+    )
+    assert bare["In-Reply-To"] == "<n1@x.example>"
+    with pytest.raises(ValueError, match="one Message-ID"):
+        confirmation(
+            make_content(), sender=SENDER, to=TO, thread_id="<a@x> <b@y>", outcome=None, feedback=""
+        )
+
+
+def test_a_confirmation_records_the_outcome_in_a_header_and_in_words() -> None:
+    message = received(
+        confirmation(
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            thread_id=THREAD_ID,
+            outcome="approved",
+            feedback="Looks good, ship it",
+        )
+    )
+    assert message["X-HITL-Outcome"] == "approved"
+    text = text_of(message)
+    assert "Recorded: approved" in text
+    assert "Your reply, as understood: “Looks good, ship it”" in text
+    assert "The flow continues" in text
+
+
+def test_a_confirmation_without_an_outcome_has_no_outcome_header() -> None:
+    message = received(
+        confirmation(
+            make_content(emit=None, default_outcome=None),
+            sender=SENDER,
+            to=TO,
+            thread_id=THREAD_ID,
+            outcome=None,
+            feedback="Tighten the intro",
+        )
+    )
+    assert "X-HITL-Outcome" not in message
+    assert "Tighten the intro" in text_of(message)
+
+
+def test_an_auto_response_names_the_outcome_applied_at_the_deadline() -> None:
+    content = make_content(deadline=DEADLINE, auto_outcome="rejected")
+    message = received(
+        auto_response(content, sender=SENDER, to=TO, thread_id=THREAD_ID, outcome="rejected")
+    )
+    assert message["X-HITL-Outcome"] == "rejected"
+    text = " ".join(text_of(message).split())
+    assert "before its deadline (2030-03-04 15:30 UTC), so rejected was recorded" in text
+
+
+def test_a_reminder_repeats_the_request_and_keeps_the_reply_address() -> None:
+    message = received(
+        reminder(make_content(), sender=SENDER, to=TO, reply_to=REPLY_TO, thread_id=THREAD_ID)
+    )
+    assert message["Reply-To"] == REPLY_TO
+    assert "still waiting" in text_of(message)
+    assert "on track</strong>" in html_of(message)
+
+
+ERROR_WORDS: dict[str, str] = {
+    "expired": "an old or leaked email cannot answer a review long after the fact",
+    "already_answered": "already answered with approved (“Fine by me”)",
+    "wrong_sender": "Someone from another address tried to answer",
+    "undecided": "Reply with exactly one of: approved, rejected, needs_revision.",
+    "cancelled": "was not recorded",
+    "reassigned": "was not recorded",
+}
+
+
+@pytest.mark.parametrize("kind", get_args(ErrorKind))
+def test_an_error_mail_names_its_kind_and_explains_plainly(kind: ErrorKind) -> None:
+    message = received(
+        error_mail(
+            kind,
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            thread_id=THREAD_ID,
+            reply_to=None,
+            detail="seen at 10:00",
+            answered_outcome="approved",
+            answered_feedback="Fine by me",
+        )
+    )
+    assert message["X-HITL-Error"] == kind
+    assert "Reply-To" not in message
+    text = " ".join(text_of(message).split())
+    assert ERROR_WORDS[kind] in text
+    assert "Details: seen at 10:00" in text
+
+
+def test_an_undecided_error_can_be_answered_again_by_reply() -> None:
+    message = received(
+        error_mail(
+            "undecided",
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            thread_id=THREAD_ID,
+            reply_to=REPLY_TO,
+        )
+    )
+    assert message["Reply-To"] == REPLY_TO
+    text = text_of(message)
+    assert "An empty reply means needs_revision." in text
+    assert "only the first line of your reply is read" in text
+
+
+def test_line_breaks_in_flow_names_cannot_inject_headers() -> None:
+    content = make_content(
+        message="Approve?\r\nBcc: victim@example.net",
+        method_name="review\nX-Injected: yes",
+        request_id="aaaabbbbccccdddd\r\nX-Other: 1",
+    )
+    built = notification(
+        content,
+        sender=SENDER,
+        to=TO,
+        reply_to=REPLY_TO,
+        message_id=make_message_id("mail.example.com", TOKEN),
+        token=TOKEN,
+    )
+    head = built.as_bytes().partition(b"\r\n\r\n")[0]
+    assert b"\nBcc:" not in head
+    assert b"\nX-Injected" not in head
+    assert b"\nX-Other" not in head
+    message = received(built)
+    assert "Bcc" not in message
+    assert "X-Injected" not in message
+    assert "X-Other" not in message
+    assert message["Subject"] == (
+        "[Review] Approve? Bcc: victim@example.net — review X-Injected: yes"
+    )
+
+
+def test_a_very_long_message_is_shortened_in_the_subject_only() -> None:
+    content = make_content(message="Is this fine? " * 20)
+    message = send_notification(content)
+    assert len(message["Subject"]) < 160
+    assert "…" in message["Subject"]
+    assert ("Is this fine? " * 20).strip() in " ".join(text_of(message).split())
+
+
+def test_non_ascii_text_survives_the_round_trip() -> None:
+    content = make_content(
+        message="Größe prüfen? ✓",
+        method_name="überprüfen",
+        method_output="Résumé: **naïve** café 🚀\n\n| Schlüssel | Wert |\n|---|---|\n| ä | ß |",
+        emit=("genehmigt", "abgelehnt"),
+        default_outcome=None,
+    )
+    sender = Sender("Prüfstelle <pruef@mail.example.com>")
+    message = received(
+        notification(
+            content,
+            sender=sender,
+            to="Zoë <zoe@example.org>",
+            reply_to=REPLY_TO,
+            message_id=make_message_id(sender_domain(sender.from_address), TOKEN),
+            token=TOKEN,
+        )
+    )
+    assert message["Subject"] == "[Review] Größe prüfen? ✓ — überprüfen"
+    assert message["From"].addresses[0].display_name == "Prüfstelle"
+    assert message["To"].addresses[0].display_name == "Zoë"
+    assert "Résumé: **naïve** café 🚀" in text_of(message)
+    page = html_of(message)
+    assert "<strong" in page
+    assert "naïve</strong>" in page
+    assert "🚀" in page
+    assert "Schlüssel" in page
