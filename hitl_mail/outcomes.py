@@ -141,8 +141,17 @@ def model_for(request_llm: str | dict[str, Any] | None, settings: LLMSettings) -
 
 
 def preload() -> None:
-    """Import litellm now (seconds), in a worker thread at daemon start, not on the first reply."""
-    _import_litellm()
+    """Import litellm now (seconds), in a worker thread at daemon start, not on the first reply.
+
+    A failure here is only logged: the first reply that needs the LLM imports
+    it again and records the error against that reply.
+    """
+    try:
+        _import_litellm()
+    except Exception:
+        logger.warning(
+            "could not preload litellm; the first LLM call will try again", exc_info=True
+        )
 
 
 def _import_litellm() -> Any:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(TESTS))
 
 from llm_server import FakeLLMServer  # noqa: E402
 
+from hitl_mail import outcomes  # noqa: E402
 from hitl_mail.resume import Resumer  # noqa: E402
 
 PG_URL = os.environ.get("HITL_MAIL_TEST_PG_URL", "")
@@ -48,6 +49,12 @@ QUIET_ENV = {
     "OPENAI_API_KEY": "test-key",
 }
 os.environ.update(QUIET_ENV)
+
+# A daemon started in this process imports litellm in a background thread. On
+# Python 3.11 that import racing pytest's own ast.parse (when it renders a
+# failure) can raise "AST constructor recursion depth mismatch" in either
+# thread, so import it here, once, before any test runs.
+outcomes.preload()
 
 
 def free_port() -> int:
