@@ -34,6 +34,7 @@ from html import unescape
 from typing import Any
 
 import mailparser
+from mailparser import utils as mailparser_utils
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +149,17 @@ def parse_reply(
     # The stdlib's MIME parser slows quadratically with nesting and recurses once per
     # level; a person's reply has a handful of boundaries, so past the cap only the
     # headers are read.
-    simple = bytes(raw).lower().count(b"boundary") <= _MAX_BOUNDARIES
-    parsed = _parse_with_mailparser(raw) if simple else None
+    raw = bytes(raw)
+    simple = raw.lower().count(b"boundary") <= _MAX_BOUNDARIES
+    # One parse with the stdlib's compat32 policy (the one mail-parser uses too),
+    # headers decoded with mail-parser's helpers; the slower header-object policy
+    # and mail-parser's full parse are not needed on this path.
     message = _parse_with_stdlib(raw, headers_only=not simple)
-    headers = _read_headers(parsed, message)
-    text = extract_new_text(_body(parsed, message))
+    headers = _read_headers(message)
+    body = _body(message)
+    if simple and not body.strip():
+        body = _body_from_mailparser(_parse_with_mailparser(raw))
+    text = extract_new_text(body)
     return ParsedReply(
         message_id=next(iter(_message_ids(headers.get("message-id", ""))), None),
         from_address=_addr_spec(headers.get("from", "")),
@@ -256,43 +263,44 @@ def _auto_subject(subject: str) -> str | None:
 
 def _parse_with_mailparser(raw: bytes) -> Any:
     try:
-        return mailparser.parse_from_bytes(bytes(raw))
+        return mailparser.parse_from_bytes(raw)
     except Exception:  # MailParserRecursionError and others on hostile input
-        logger.info("mail-parser could not read a message; using the stdlib parser")
+        logger.info("mail-parser could not read a message either")
         return None
 
 
 def _parse_with_stdlib(raw: bytes, *, headers_only: bool) -> Message | None:
     try:
-        parser = BytesParser(policy=email.policy.default)
-        return parser.parsebytes(bytes(raw), headersonly=headers_only)
+        parser = BytesParser(policy=email.policy.compat32)
+        return parser.parsebytes(raw, headersonly=headers_only)
     except Exception:  # includes RecursionError on absurdly nested multiparts
         logger.info("the stdlib could not parse a message")
         return None
 
 
-def _read_headers(parsed: Any, message: Message | None) -> dict[str, str]:
+def _read_headers(message: Message | None) -> dict[str, str]:
     headers: dict[str, str] = {}
+    if message is None:
+        return headers
     for name in _HEADER_NAMES:
-        value = _header(parsed, name)
-        value = _header(message, name) if value is None else value
+        value = _header(message, name)
         if value is not None:
             headers[name] = value[:_MAX_HEADER_CHARS].replace("\x00", "")
     return headers
 
 
-def _header(source: Any, name: str) -> str | None:
-    """One decoded header from mail-parser or the stdlib, None when absent or unreadable."""
+def _header(message: Message, name: str) -> str | None:
+    """The first value of one header, with encoded words decoded; None when absent."""
     try:
-        if isinstance(source, Message):
-            value = source.get(name)
-            return None if value is None else str(value)
-        if source is None or source.message is None or source.message.get(name) is None:
-            return None
-        value = mailparser.get_header(source.message, name)
-        return str(value[0] if isinstance(value, list) else value)
-    except Exception:  # either parser can trip on a crafted header; the caller falls back
+        values = message.get_all(name)
+    except Exception:  # a crafted header the parser kept but cannot hand back
         return None
+    if not values:
+        return None
+    try:
+        return str(mailparser_utils.decode_header_part(values[0]))
+    except Exception:  # undecodable words: the raw text is still better than nothing
+        return str(values[0])
 
 
 def _message_ids(value: str) -> tuple[str, ...]:
@@ -320,13 +328,12 @@ def _addr_spec(value: str) -> str | None:
 # --- body -------------------------------------------------------------------------------
 
 
-def _body(parsed: Any, message: Message | None) -> str:
-    body = ""
+def _body(message: Message | None) -> str:
     try:
-        body = _body_from_message(message) if message is not None else ""
+        return _body_from_message(message) if message is not None else ""
     except Exception:  # a MIME tree malformed beyond what the stdlib tolerates
         logger.info("the stdlib could not walk a message body")
-    return body if body.strip() else _body_from_mailparser(parsed)
+        return ""
 
 
 def _body_from_message(message: Message) -> str:

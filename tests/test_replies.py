@@ -261,6 +261,18 @@ def test_a_folded_encoded_subject_is_decoded_onto_one_line() -> None:
     assert parse_reply(raw, envelope_from=PERSON).subject == "Re: Révision du budget"
 
 
+def test_raw_utf8_headers_from_an_smtputf8_client_are_read_as_text() -> None:
+    raw = "From: José Núñez <José@Example.org>\nSubject: Re: Révision\n\nOui\n".encode()
+
+    reply = parse_reply(raw, envelope_from=PERSON)
+
+    assert (reply.from_address, reply.subject, reply.text) == (
+        "josé@example.org",
+        "Re: Révision",
+        "Oui",
+    )
+
+
 def test_a_display_name_with_a_comma_does_not_hide_the_address() -> None:
     raw = b"From: =?utf-8?q?Doe=2C_Jane?= <Jane.Doe@Example.ORG>\nSubject: x\n\nok\n"
 
