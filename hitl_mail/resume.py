@@ -18,13 +18,13 @@ import sys
 import traceback
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from hitl_mail.config import Config
 from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow
-from hitl_mail.store import Store, audit_event
+from hitl_mail.store import Resumable, Store, audit_event
 from hitl_mail.waiting import idle
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class ResumeResult:
     paused_again: str | None = None  # the new request id when the flow paused again
     summary: str = ""
     error: str | None = None  # traceback text on failure
+    recorded: bool = False  # the worker already wrote the result (status, audit event)
 
 
 # -- inside the worker process ------------------------------------------------
@@ -65,19 +66,27 @@ def init_worker(config: Config) -> None:
     import crewai.flow.flow  # noqa: F401  (pay the import once, not per resume)
 
 
-def resume_request(request_id: str) -> ResumeResult:
-    """Restore and resume one request's flow; never raises (the result carries the traceback)."""
+def resume_request(request_id: str, attempts: int) -> ResumeResult:
+    """Restore and resume one request's flow, and record how it went; never raises.
+
+    The result is written here, in the worker, so the daemon's own process
+    spends nothing on it; if writing fails, the daemon writes it (`recorded`).
+    """
     assert _worker is not None, "init_worker was not run"
     _, store = _worker
     try:
         request = store.get(request_id)
         flow = restore(request, store)
-        result = flow.resume(request.feedback or "")
+        result = _outcome_of(flow.resume(request.feedback or ""))
     except BaseException as exc:  # a flow may raise anything; record it, keep the worker
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        return ResumeResult(ok=False, error=traceback.format_exc(limit=30))
-    return _outcome_of(result)
+        result = ResumeResult(ok=False, error=traceback.format_exc(limit=30))
+    try:
+        record_result(store, request_id, attempts, result)
+    except Exception:
+        return result
+    return replace(result, recorded=True)
 
 
 def restore(request: FeedbackRequest, store: Store) -> Any:
@@ -237,11 +246,13 @@ class Resumer:
     def _free_slots(self) -> int:
         return max(self.config.daemon.resume_workers - len(self._tasks), 0)
 
-    async def _resume(self, request: FeedbackRequest) -> None:
+    async def _resume(self, request: Resumable) -> None:
         renew = asyncio.create_task(self._keep_lease(request.id))
         try:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.pool, resume_request, request.id)
+            result = await loop.run_in_executor(
+                self.pool, resume_request, request.id, request.resume_attempts
+            )
         except BrokenProcessPool:
             result = ResumeResult(
                 ok=False, error="the resume worker process died (killed or crashed)"
@@ -253,31 +264,17 @@ class Resumer:
         finally:
             renew.cancel()
             self._slots.release()
-        await asyncio.to_thread(self._record, request, result)
+        if not result.recorded:
+            await asyncio.to_thread(
+                record_result, self.store, request.id, request.resume_attempts, result
+            )
+        self._report(request, result)
         self.observe(result.ok)
         if result.paused_again:
             self.on_paused_again()
 
-    async def _keep_lease(self, request_id: str) -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
-            await asyncio.to_thread(self.store.renew_lease, request_id, LEASE)
-
-    def _record(self, request: FeedbackRequest, result: ResumeResult) -> None:
-        now = utcnow()
+    def _report(self, request: Resumable, result: ResumeResult) -> None:
         if result.ok:
-            detail = {"paused_again": result.paused_again, "result": result.summary}
-            self.store.transition(
-                request.id,
-                [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
-                {
-                    "status": RequestStatus.RESUMED,
-                    "resumed_at": now,
-                    "lease_until": None,
-                    "last_error": None,
-                },
-                [audit_event(request.id, "resumed", "hitl-mail", detail=detail)],
-            )
             log.info(
                 "request %s: flow %s resumed (%s)",
                 request.id,
@@ -286,36 +283,63 @@ class Resumer:
             )
             return
         attempts = request.resume_attempts + 1
-        retry_at = (
-            now + RETRY_BASE * 2 ** (attempts - 1) if attempts < MAX_AUTOMATIC_RETRIES else None
-        )
-        self.store.transition(
-            request.id,
-            [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
-            {
-                "status": RequestStatus.RESUME_FAILED,
-                "resume_attempts": attempts,
-                "resume_after": retry_at,
-                "lease_until": None,
-                "last_error": result.error,
-            },
-            [
-                audit_event(
-                    request.id,
-                    "resume_failed",
-                    "hitl-mail",
-                    detail={
-                        "attempt": attempts,
-                        "retry_at": retry_at.isoformat() if retry_at else None,
-                        "error": result.error,
-                    },
-                )
-            ],
-        )
         log.error(
             "request %s: resume of %s failed (attempt %d)%s",
             request.id,
             request.flow_class,
             attempts,
-            "" if retry_at else "; waiting for `hitl-mail requests retry`",
+            "" if retried_automatically(attempts) else "; waiting for `hitl-mail requests retry`",
         )
+
+    async def _keep_lease(self, request_id: str) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.to_thread(self.store.renew_lease, request_id, LEASE)
+
+
+def record_result(store: Store, request_id: str, attempts: int, result: ResumeResult) -> None:
+    """Mark the request resumed, or failed with its retry time; append the audit event."""
+    now = utcnow()
+    if result.ok:
+        detail = {"paused_again": result.paused_again, "result": result.summary}
+        store.transition(
+            request_id,
+            [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
+            {
+                "status": RequestStatus.RESUMED,
+                "resumed_at": now,
+                "lease_until": None,
+                "last_error": None,
+            },
+            [audit_event(request_id, "resumed", "hitl-mail", detail=detail)],
+        )
+        return
+    attempts += 1
+    retry_at = now + RETRY_BASE * 2 ** (attempts - 1) if retried_automatically(attempts) else None
+    store.transition(
+        request_id,
+        [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
+        {
+            "status": RequestStatus.RESUME_FAILED,
+            "resume_attempts": attempts,
+            "resume_after": retry_at,
+            "lease_until": None,
+            "last_error": result.error,
+        },
+        [
+            audit_event(
+                request_id,
+                "resume_failed",
+                "hitl-mail",
+                detail={
+                    "attempt": attempts,
+                    "retry_at": retry_at.isoformat() if retry_at else None,
+                    "error": result.error,
+                },
+            )
+        ],
+    )
+
+
+def retried_automatically(attempts: int) -> bool:
+    return attempts < MAX_AUTOMATIC_RETRIES

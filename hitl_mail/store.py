@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -43,6 +44,15 @@ _READ_ONLY = "hitl_mail_read_only"  # execution option: a transaction that only 
 
 class NotFound(LookupError):
     """No request with that id."""
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """What the resume stage needs of a claimed request (the worker loads the rest)."""
+
+    id: str
+    flow_class: str
+    resume_attempts: int
 
 
 def make_engine(url: str) -> Engine:
@@ -200,7 +210,7 @@ class Store:
 
     # -- resume queue -------------------------------------------------------
 
-    def claim_resumable(self, limit: int, lease: timedelta) -> list[FeedbackRequest]:
+    def claim_resumable(self, limit: int, lease: timedelta) -> list[Resumable]:
         now = utcnow()
         failed_due = sa.and_(
             col(FeedbackRequest.status) == RequestStatus.RESUME_FAILED,
@@ -219,7 +229,9 @@ class Store:
             .order_by(col(FeedbackRequest.answered_at))
             .limit(limit)
         )
-        return self._claim(FeedbackRequest, ready, now, lease)
+        requests = FeedbackRequest.__table__  # type: ignore[attr-defined]
+        columns = (requests.c.id, requests.c.flow_class, requests.c.resume_attempts)
+        return [Resumable(*row) for row in self._claim(FeedbackRequest, ready, now, lease, columns)]
 
     def renew_lease(self, request_id: str, lease: timedelta) -> None:
         self._set(request_id, lease_until=utcnow() + lease)
@@ -467,12 +479,20 @@ class Store:
 
     # -- shared claim ---------------------------------------------------------
 
-    def _claim(self, table: Any, candidates: Any, now: datetime, lease: timedelta) -> list[Any]:
+    def _claim(
+        self,
+        table: Any,
+        candidates: Any,
+        now: datetime,
+        lease: timedelta,
+        columns: Sequence[Any] | None = None,
+    ) -> list[Any]:
         """Lease the candidate rows whose lease is free, in one conditional update; return those won.
 
         The update's RETURNING names exactly the rows this caller leased: a
         row another daemon leased in between fails the condition and is not
-        returned.
+        returned. With `columns`, those columns of the won rows come back as
+        tuples, straight from the update, instead of whole ORM objects.
         """
         rows = table.__table__
         with self.session() as session:
@@ -480,18 +500,20 @@ class Store:
             if not ids:
                 session.rollback()
                 return []
-            won = list(
-                session.connection()
-                .execute(
+            returned = list(
+                session.connection().execute(
                     sa.update(rows)
                     .where(rows.c.id.in_(ids))
                     .where(sa.or_(rows.c.lease_until.is_(None), rows.c.lease_until < now))
                     .values(lease_until=now + lease)
-                    .returning(rows.c.id)
+                    .returning(*(columns or (rows.c.id,)))
                 )
-                .scalars()
             )
             session.commit()
+            if columns is not None:  # in the candidates' order
+                order = {row_id: index for index, row_id in enumerate(ids)}
+                return sorted((tuple(row) for row in returned), key=lambda row: order[row[0]])
+            won = [row[0] for row in returned]
             if not won:
                 return []
             return list(session.exec(select(table).where(table.id.in_(won)).order_by(table.id)))

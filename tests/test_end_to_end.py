@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from conftest import FLOWS, Setup, reply_to, send, wait_until
@@ -170,6 +171,28 @@ def test_a_flow_that_cannot_be_imported_is_resume_failed_and_resumes_after_a_fix
     assert retried.returncode == 0, retried.stderr
     setup.wait_event("approved")
     wait_until(lambda: setup.show(rid)["status"] == "resumed", 30, what="resumed")
+
+
+def test_a_flow_that_kills_its_worker_is_recorded_and_retried_by_a_fresh_worker(
+    setup: Setup,
+) -> None:
+    marker = setup.tmp / "died-once"
+    setup.start_daemon()
+    rid = setup.kickoff({"die_once": str(marker)})["callback_info"]["request_id"]
+    [notification] = setup.sink.wait_for("notification", rid)
+    send(setup.smtp_port, reply_to(notification, "approved"))
+
+    def failures() -> list[dict[str, Any]]:
+        return [e for e in setup.show(rid)["audit"] if e["event"] == "resume_failed"]
+
+    [failed] = wait_until(failures, 60, what="resume_failed recorded")
+    assert marker.exists()
+    assert "worker process died" in failed["detail"]["error"]
+    assert failed["detail"]["attempt"] == 1
+    assert failed["detail"]["retry_at"]
+    setup.wait_event("approved")  # retried after its backoff, in a fresh worker
+    wait_until(lambda: setup.show(rid)["status"] == "resumed", 60, what="resumed")
+    assert len(failures()) == 1
 
 
 @pytest.mark.parametrize("flow", ["AsyncReviewFlow", "PersistedReviewFlow"])
