@@ -168,7 +168,7 @@ class Answering:
         token = _token_of(row, parsed, addressing(self.config))
         if token is None:
             raise Refusal("unmatched", "no token in the recipient or the thread headers")
-        request = self.store.find(tokens.read(token).request_id)
+        request = self.store.find(tokens.read(token).request_id, with_state=False)
         if request is None:
             raise Refusal("unmatched", "the token names no request of ours")
         return token, request

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, func, select
 
 from hitl_mail.models import (
@@ -138,9 +139,22 @@ class Store:
             raise NotFound(request_id)
         return row
 
-    def find(self, request_id: str) -> FeedbackRequest | None:
+    def find(self, request_id: str, *, with_state: bool = True) -> FeedbackRequest | None:
+        """The request, or None; `with_state=False` leaves out the flow state and context.
+
+        Those two columns are the large ones (the whole flow state as JSON) and
+        only a resume needs them; reading them without it raises.
+        """
+        options = (
+            ()
+            if with_state
+            else tuple(
+                defer(getattr(FeedbackRequest, name), raiseload=True)
+                for name in ("state", "context")
+            )
+        )
         with self.session() as session:
-            return session.get(FeedbackRequest, request_id)
+            return session.get(FeedbackRequest, request_id, options=options)
 
     def assignee(self, request_id: str) -> str | None:
         """The address a request is assigned to (None: no such request, or unassigned).

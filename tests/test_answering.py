@@ -29,6 +29,7 @@ from conftest import (
     write_config,
 )
 from llm_server import FakeLLMServer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
 from hitl_mail import app as app_module
@@ -181,6 +182,24 @@ async def refused_at_rcpt(daemon: Daemon, recipient: str) -> aiosmtplib.SMTPReci
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
             await smtp.rcpt(recipient)
     return refused.value
+
+
+async def test_answering_reads_a_request_without_its_flow_state(daemon: Daemon) -> None:
+    request = intake.create_request(
+        daemon.config, daemon.store, CONTEXT, state={"draft": "x" * 100_000}
+    )
+
+    light = daemon.store.find(request.id, with_state=False)
+
+    assert light is not None
+    assert (light.emit, light.assigned_to, light.message) == (
+        OPTIONS,
+        ASSIGNEE,
+        request.message,
+    )
+    with pytest.raises(SQLAlchemyError):
+        _ = light.state  # never loaded: answering has no use for it
+    assert daemon.store.get(request.id).state == {"draft": "x" * 100_000}
 
 
 async def test_a_recipient_in_another_domain_is_refused_so_the_listener_is_never_an_open_relay(
