@@ -200,7 +200,7 @@ class Resumer:
         self.pool: Executor = worker_pool(config)
         self.on_paused_again = on_paused_again or (lambda: None)
         self.observe = observe or (lambda ok: None)
-        self._slots = asyncio.Semaphore(config.daemon.resume_workers)
+        self._slots = asyncio.Semaphore(self._in_flight(config))
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: list[Executor] = []  # pools replaced by a reload, still finishing
 
@@ -244,7 +244,13 @@ class Resumer:
         self.wakeup.set()
 
     def _free_slots(self) -> int:
-        return max(self.config.daemon.resume_workers - len(self._tasks), 0)
+        return max(self._in_flight(self.config) - len(self._tasks), 0)
+
+    @staticmethod
+    def _in_flight(config: Config) -> int:
+        # One more request queued per worker: a worker that finishes starts the next
+        # resume at once, instead of idling while this process claims it.
+        return config.daemon.resume_workers * 2
 
     async def _resume(self, request: Resumable) -> None:
         renew = asyncio.create_task(self._keep_lease(request.id))
