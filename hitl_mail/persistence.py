@@ -25,11 +25,16 @@ class HitlFlowPersistence(FlowPersistence):
     """When set, `load_pending_feedback` restores exactly this request."""
 
     _store: Store | None = PrivateAttr(default=None)
+    _loaded: FeedbackRequest | None = PrivateAttr(default=None)
 
     @classmethod
-    def for_store(cls, store: Store, request_id: str | None = None) -> HitlFlowPersistence:
+    def for_store(
+        cls, store: Store, request_id: str | None = None, loaded: FeedbackRequest | None = None
+    ) -> HitlFlowPersistence:
+        """Bound to `store`; `loaded`, the request already read, spares reading it again."""
         persistence = cls(database_url=store.url, request_id=request_id)
         persistence._store = store
+        persistence._loaded = loaded if loaded is not None and loaded.id == request_id else None
         return persistence
 
     @property
@@ -76,6 +81,8 @@ class HitlFlowPersistence(FlowPersistence):
         """Nothing to clear: the request's status in `requests` is the record."""
 
     def _request(self, flow_uuid: str) -> FeedbackRequest | None:
+        if self._loaded is not None:
+            return self._loaded
         if self.request_id is not None:
             return self.store.find(self.request_id)
         query = (
