@@ -54,6 +54,7 @@ class App:
         self._server: asyncio.Server | None = None
         self._health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.failed: str | None = None  # the stage whose crash stopped the daemon
 
     async def __aenter__(self) -> App:
         await self.startup()
@@ -84,9 +85,9 @@ class App:
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()
         for stage in (self.outbox, self.answering, self.resumer, self.timers):
-            self._tasks.append(
-                asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
-            )
+            task = asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
+            task.add_done_callback(self._stage_ended)
+            self._tasks.append(task)
         if config.health.enabled:
             self._health = HealthServer(self.metrics)
             self.health_port = await self._health.start(config.health.host, config.health.port)
@@ -126,6 +127,22 @@ class App:
         self.timers.config = config
         self.resumer.reload(config)
         log.info("configuration reloaded from %s", config.source)
+
+    def _stage_ended(self, task: asyncio.Task[None]) -> None:
+        """A stage that raised stops the daemon: a silent stall is worse than a restart.
+
+        Nothing is lost: the stage's work stays in its table, and the service
+        manager (`Restart=on-failure`) starts a daemon that takes it up again.
+        """
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical(
+            "the %s stage failed; stopping so that the daemon is restarted",
+            task.get_name(),
+            exc_info=task.exception(),
+        )
+        self.failed = self.failed or task.get_name()
+        self.stopping.set()
 
     def _stored(self) -> None:
         self.metrics.reply_accepted()

@@ -125,7 +125,7 @@ async def serve(config: Config, config_arg: str | None) -> int:
     systemd.ready()  # only now: a reload or stop signal right after READY=1 must be handled
     await app.stopping.wait()
     await app.shutdown()
-    return EXIT_OK
+    return EXIT_ERROR if app.failed else EXIT_OK
 
 
 def _reload(app: Any, config_arg: str | None, systemd: Any) -> None:

@@ -8,6 +8,7 @@ command line, exit codes and the log.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -26,6 +27,10 @@ from conftest import Setup, free_port, reply_to, send, wait_until
 from postfix import PostfixRelay, skip_reason
 from prometheus_client.parser import text_string_to_metric_families
 
+from hitl_mail import cli
+from hitl_mail.config import load_config
+from hitl_mail.timers import Timers
+
 pytestmark = pytest.mark.slow
 
 POSTFIX_SKIP = skip_reason()
@@ -33,7 +38,6 @@ POSTFIX_SKIP = skip_reason()
 SHUTDOWN_WITHIN = 20.0
 
 
-# A known defect in hitl_mail, reported; the tests check everything else before it.
 def serve_command(config: Path) -> list[str]:
     """`hitl-mail serve` through the installed console script, as an operator runs it."""
     script = Path(sys.executable).with_name("hitl-mail")
@@ -317,6 +321,24 @@ def test_serve_exits_0_after_a_clean_shutdown_on_sigterm_and_sigint(
     assert took < SHUTDOWN_WITHIN, log[-3000:]
     assert "stopped" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_stage_that_fails_stops_serve_with_exit_1_so_the_service_manager_restarts_it(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: Timers, stopping: asyncio.Event) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Timers, "run", broken)  # the fault; everything else is the real daemon
+    caplog.set_level(logging.INFO, logger="hitl_mail")
+
+    code = asyncio.run(cli.serve(load_config(setup.config), str(setup.config)))
+
+    assert code == 1
+    assert "the Timers stage failed" in caplog.text
+    assert "disk on fire" in caplog.text
+    assert "stopped" in caplog.text
 
 
 # -- systemd ----------------------------------------------------------------------------
