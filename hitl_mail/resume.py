@@ -10,6 +10,7 @@ expire and the next daemon resumes the request again (at least once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -64,6 +65,11 @@ def init_worker(config: Config) -> None:
     bind_daemon(config, store)
     _worker = (config, store)
     import crewai.flow.flow  # noqa: F401  (pay the import once, not per resume)
+
+    # Every Flow() builds a Memory, whose storage imports lancedb: seconds (tens under
+    # load) that the first resume of each worker would otherwise wait for.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("crewai.memory.storage.lancedb_storage")
 
 
 def resume_request(request_id: str, attempts: int) -> ResumeResult:
