@@ -260,16 +260,18 @@ class Resumer:
 
     async def _resume(self, request: Resumable) -> None:
         renew = asyncio.create_task(self._keep_lease(request.id))
+        pool = self.pool
         try:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
-                self.pool, resume_request, request.id, request.resume_attempts
+                pool, resume_request, request.id, request.resume_attempts
             )
         except BrokenProcessPool:
             result = ResumeResult(
                 ok=False, error="the resume worker process died (killed or crashed)"
             )
-            self.pool = worker_pool(self.config)
+            if pool is self.pool:  # every resume in the broken pool lands here; replace it once
+                self.pool = worker_pool(self.config)
         except asyncio.CancelledError:
             await asyncio.to_thread(self.store.release_lease, request.id)
             raise
