@@ -34,6 +34,7 @@ LEASE = timedelta(seconds=60)
 RENEW_EVERY = 20.0
 MAX_AUTOMATIC_RETRIES = 5
 RETRY_BASE = timedelta(seconds=10)
+WORKER_NICENESS = 5
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ _worker: tuple[Config, Store] | None = None
 def init_worker(config: Config) -> None:
     """Worker start: import paths, the daemon's config for `MailProvider`, crewAI imported once."""
     global _worker
+    # Flow code yields the CPU to the daemon's own process: mail is accepted and
+    # answered first, resumes use what is left (an idle machine is all theirs).
+    os.nice(WORKER_NICENESS)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("OTEL_SDK_DISABLED", "true")
