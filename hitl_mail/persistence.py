@@ -28,13 +28,11 @@ class HitlFlowPersistence(FlowPersistence):
     _loaded: FeedbackRequest | None = PrivateAttr(default=None)
 
     @classmethod
-    def for_store(
-        cls, store: Store, request_id: str | None = None, loaded: FeedbackRequest | None = None
-    ) -> HitlFlowPersistence:
-        """Bound to `store`; `loaded`, the request already read, spares reading it again."""
-        persistence = cls(database_url=store.url, request_id=request_id)
+    def for_store(cls, store: Store, request: FeedbackRequest | None = None) -> HitlFlowPersistence:
+        """Bound to `store`; with `request` (already read), it restores exactly that one."""
+        persistence = cls(database_url=store.url, request_id=request.id if request else None)
         persistence._store = store
-        persistence._loaded = loaded if loaded is not None and loaded.id == request_id else None
+        persistence._loaded = request
         return persistence
 
     @property

@@ -104,7 +104,7 @@ def restore(request: FeedbackRequest, store: Store) -> Any:
     from hitl_mail.persistence import HitlFlowPersistence
 
     flow_class = import_flow_class(request.flow_class)
-    persistence = HitlFlowPersistence.for_store(store, request_id=request.id, loaded=request)
+    persistence = HitlFlowPersistence.for_store(store, request)
     flow = flow_class.from_pending(request.flow_id, persistence=persistence)
     take_control(flow, request.outcome)
     return flow
