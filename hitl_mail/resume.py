@@ -210,7 +210,6 @@ class Resumer:
         self.pool: Executor = worker_pool(config)
         self.on_paused_again = on_paused_again or (lambda: None)
         self.observe = observe or (lambda ok: None)
-        self._slots = asyncio.Semaphore(self._in_flight(config))
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: list[Executor] = []  # pools replaced by a reload, still finishing
 
@@ -232,7 +231,6 @@ class Resumer:
             free = self._free_slots()
             rows = await asyncio.to_thread(self.store.claim_resumable, free, LEASE) if free else []
             for row in rows:
-                await self._slots.acquire()
                 task = asyncio.create_task(self._resume(row))
                 self._tasks.add(task)
                 task.add_done_callback(self._finished)
@@ -254,13 +252,9 @@ class Resumer:
         self.wakeup.set()
 
     def _free_slots(self) -> int:
-        return max(self._in_flight(self.config) - len(self._tasks), 0)
-
-    @staticmethod
-    def _in_flight(config: Config) -> int:
         # One more request queued per worker: a worker that finishes starts the next
         # resume at once, instead of idling while this process claims it.
-        return config.daemon.resume_workers * 2
+        return max(self.config.daemon.resume_workers * 2 - len(self._tasks), 0)
 
     async def _resume(self, request: Resumable) -> None:
         renew = asyncio.create_task(self._keep_lease(request.id))
@@ -281,7 +275,6 @@ class Resumer:
             raise
         finally:
             renew.cancel()
-            self._slots.release()
         if not result.recorded:
             await asyncio.to_thread(
                 record_result, self.store, request.id, request.resume_attempts, result
