@@ -23,12 +23,15 @@ import logging
 import os
 import re
 import sys
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
+# Set once an import of litellm has completed (the preload thread or a first LLM call).
+_LITELLM_READY = threading.Event()
 
 Method = Literal["exact", "llm", "default", "passthrough", "undecided"]
 
@@ -160,6 +163,7 @@ def _import_litellm() -> Any:
     import litellm
 
     litellm.suppress_debug_info = True
+    _LITELLM_READY.set()
     return litellm
 
 
@@ -307,12 +311,14 @@ async def close_llm_clients() -> None:
 
     litellm keeps one client per event loop and closes none of them itself, so
     the daemon calls this on shutdown (and tests after each event loop) to leave
-    no sockets or half-run logging tasks behind. Does nothing when litellm was
-    never imported.
+    no sockets or half-run logging tasks behind. Does nothing until an import
+    of litellm has finished: a daemon stopped while `preload` is still
+    importing it has made no LLM call, and importing litellm's submodules
+    beside that half-done import fails.
     """
-    litellm = sys.modules.get("litellm")
-    if litellm is None:
+    if not _LITELLM_READY.is_set():
         return
+    litellm = sys.modules["litellm"]
     worker = importlib.import_module("litellm.litellm_core_utils.logging_worker")
     cleanup = importlib.import_module("litellm.llms.custom_httpx.async_client_cleanup")
     try:

@@ -7,6 +7,7 @@ over HTTP, to the fake OpenAI-compatible server in ``tests/llm_server.py``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from llm_server import FakeLLMProcess, FakeLLMServer
 
+from hitl_mail import outcomes
 from hitl_mail.outcomes import (
     Decision,
     LLMSettings,
@@ -320,3 +322,22 @@ async def test_the_fake_llm_server_can_be_steered_from_another_process(
     recorded = fake_llm_process.recorded()
     assert fake_llm_process.requests() == recorded
     assert [body["model"] for body in recorded] == ["fake-model", "fake-model"]
+
+
+async def test_closing_clients_while_litellm_is_still_being_imported_touches_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A daemon stopped right after start: the preload thread is mid-import, so
+    # sys.modules holds a half-initialised litellm and no LLM call was made yet.
+    monkeypatch.setattr(outcomes, "_LITELLM_READY", threading.Event())
+    imported: list[str] = []
+
+    def import_module(name: str, package: str | None = None) -> Any:
+        imported.append(name)
+        raise ImportError("cannot import name from partially initialized module")
+
+    monkeypatch.setattr(outcomes.importlib, "import_module", import_module)
+
+    await close_llm_clients()
+
+    assert imported == []
