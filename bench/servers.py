@@ -79,6 +79,7 @@ async def serve_edge(config_path: str) -> None:
     handler = ReplyHandler(store, addressing(config), config.secret_keys, on_stored=lambda: None)
     server = await start_listener(config.inbound, handler, hostname=config.outbound.domain)
     await _serve(server)
+    await handler.close()
     store.close()
 
 

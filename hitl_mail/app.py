@@ -52,6 +52,7 @@ class App:
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
         self._server: asyncio.Server | None = None
+        self._handler: ReplyHandler | None = None
         self._health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.failed: str | None = None  # the stage whose crash stopped the daemon
@@ -70,7 +71,7 @@ class App:
         """
         config = self.config
         await asyncio.to_thread(self.store.migrate)
-        handler = ReplyHandler(
+        self._handler = handler = ReplyHandler(
             self.store,
             addressing(config),
             config.secret_keys,
@@ -117,6 +118,8 @@ class App:
         if self._health is not None:
             await self._health.stop()
         await outcomes.close_llm_clients()
+        if self._handler is not None:
+            await self._handler.close()
         self.store.close()
         log.info("stopped")
 

@@ -4,8 +4,9 @@ aiosmtpd owns the protocol; this handler only decides RCPT and DATA. RCPT
 refuses what can be refused early (another domain: never an open relay; a
 local part that is not one of our signed tokens). DATA stores the raw bytes
 and commits before answering 250, so a crash right after the 250 loses
-nothing. Concurrent DATA handlers share commits (`GroupCommit`): each 250
-still waits for the commit that holds its message. No parsing beyond the
+nothing. Concurrent DATA handlers share commits, and concurrent RCPTs share
+queries (edgestore.py): each 250 still waits for the commit that holds its
+message. No parsing beyond the
 Message-ID, no LLM, no flow code and no outbound mail happen inside the SMTP
 transaction (see answering.py).
 """
@@ -15,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import ssl
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from hitl_mail import tokens
 from hitl_mail.config import InboundSettings
-from hitl_mail.store import InboundItem, Store
+from hitl_mail.edgestore import edge_store
+from hitl_mail.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -37,68 +38,29 @@ TRY_LATER = "451 4.3.0 Temporary local problem, please try again later"
 
 RefusalObserver = Callable[[str], None]  # reason
 
+_MESSAGE_ID = re.compile(rb"\nmessage-id[ \t]*:")  # searched in the lowercased header block
+_FOLDED_VALUE = re.compile(rb"[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*")  # RFC 5322 2.2.3
+
 
 def dedupe_key(raw: bytes) -> str:
-    """The Message-ID, or a hash of the content when a message has none."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw[:65536])
-    message_id = str(headers.get("Message-ID") or "").replace("\x00", "").strip()
-    if message_id:
-        return "mid:" + message_id[:480]
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    """The Message-ID, or a hash of the content when a message has none.
 
-
-class GroupCommit:
-    """Stores messages from many concurrent DATA handlers with as few commits as possible.
-
-    Each handler awaits `add(item)`; one writer at a time stores everything
-    that is waiting in one transaction (`Store.store_inbound_many`), and
-    messages that arrive meanwhile form the next batch. A handler's result,
-    and so its 250, comes only after the commit that contains its message;
-    if that commit fails, every handler of the batch gets the exception (451).
-    Under load, one fsync covers many replies; alone, a reply waits for one
-    commit as before.
+    Found with `find` and two small patterns rather than an email parser:
+    this runs inside every DATA, and the parser spent 40 µs a reply on
+    headers nothing here reads.
     """
-
-    MAX_BATCH = 256
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._waiting: list[tuple[InboundItem, asyncio.Future[bool]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def add(self, item: InboundItem) -> bool:
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="inbound-group-commit")
-        return await done
-
-    async def _write(self) -> None:
-        while self._waiting:
-            batch = self._waiting[: self.MAX_BATCH]
-            del self._waiting[: self.MAX_BATCH]
-            await self._commit(batch, split_on_error=True)
-
-    async def _commit(
-        self, batch: list[tuple[InboundItem, asyncio.Future[bool]]], split_on_error: bool
-    ) -> None:
-        try:
-            stored = await asyncio.to_thread(
-                self._store.store_inbound_many, [item for item, _ in batch]
-            )
-        except Exception as exc:
-            if split_on_error and len(batch) > 1:
-                # One message the database refuses must not refuse its neighbours.
-                for one in batch:
-                    await self._commit([one], split_on_error=False)
-                return
-            for _, done in batch:
-                if not done.done():  # a handler whose client went away is cancelled
-                    done.set_exception(exc)
-            return
-        for (_, done), result in zip(batch, stored, strict=True):
-            if not done.done():
-                done.set_result(result)
+    end = 0 if raw.startswith((b"\r\n", b"\n")) else raw.find(b"\r\n\r\n", 0, 65536)
+    if end < 0:
+        end = raw.find(b"\n\n", 0, 65536)
+    head = b"\n" + raw[: end if end >= 0 else 65536]
+    found = _MESSAGE_ID.search(head.lower())
+    message_id = b""
+    if found:
+        value = _FOLDED_VALUE.match(head, found.end())
+        message_id = b" ".join(value.group().split()).replace(b"\x00", b"") if value else b""
+    if message_id:
+        return "mid:" + message_id.decode("utf-8", "replace")[:480]
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 class ReplyHandler:
@@ -113,11 +75,14 @@ class ReplyHandler:
         observe_refusal: RefusalObserver | None = None,
     ) -> None:
         self.store = store
+        self.db = edge_store(store)
         self.addressing = addressing
         self.keys = keys
         self.on_stored = on_stored
         self.observe_refusal = observe_refusal or (lambda reason: None)
-        self.commits = GroupCommit(store)
+
+    async def close(self) -> None:
+        await self.db.close()
 
     async def handle_RCPT(
         self,
@@ -135,7 +100,12 @@ class ReplyHandler:
         except tokens.BadToken:
             self.observe_refusal("bad_token")
             return NO_SUCH_ADDRESS
-        if token is not None and not await asyncio.to_thread(self._signed_by_us, token):
+        try:
+            signed = token is None or await self._signed_by_us(token)
+        except Exception:
+            log.exception("could not check the reply address %s; answered 451", address)
+            return TRY_LATER
+        if not signed:
             self.observe_refusal("bad_token")
             return NO_SUCH_ADDRESS
         envelope.rcpt_tos.append(address)
@@ -144,9 +114,11 @@ class ReplyHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        sender = envelope.mail_from or ""
+        # A NUL from a broken client would make PostgreSQL refuse the row on every retry.
+        sender = (envelope.mail_from or "").replace("\x00", "")
+        recipients = [r.replace("\x00", "") for r in envelope.rcpt_tos]
         try:
-            stored = await self.commits.add((dedupe_key(raw), sender, list(envelope.rcpt_tos), raw))
+            stored = await self.db.store((dedupe_key(raw), sender, recipients, raw))
         except Exception:
             log.exception("could not store a reply from %s; answered 451", sender)
             return TRY_LATER
@@ -154,7 +126,7 @@ class ReplyHandler:
             log.info(
                 "reply stored from %s for %s (%d bytes)",
                 sender,
-                ",".join(envelope.rcpt_tos),
+                ",".join(recipients),
                 len(raw),
             )
             self.on_stored()
@@ -162,13 +134,13 @@ class ReplyHandler:
             log.info("duplicate delivery from %s ignored", sender)
         return QUEUED
 
-    def _signed_by_us(self, token: str) -> bool:
+    async def _signed_by_us(self, token: str) -> bool:
         """The token names a request of ours and is signed for its current assignee.
 
         Expiry is not checked here: an expired link deserves an explanation,
         which is sent after DATA (answering.py).
         """
-        assignee = self.store.assignee(tokens.read(token).request_id)
+        assignee = await self.db.assignee(tokens.read(token).request_id)
         if assignee is None:
             return False
         try:

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import aiosmtplib
 import pytest
+import sqlalchemy as sa
 from conftest import (
+    BACKEND,
     MailSink,
     ResumeParked,
     free_port,
@@ -229,6 +231,40 @@ async def test_a_token_minted_for_another_address_is_refused_at_rcpt(daemon: Dae
     refused = await refused_at_rcpt(daemon, f"reply+{for_forger}@reply.example.com")
 
     assert refused.code == 550
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="the edge's own connections are PostgreSQL's")
+async def test_a_lost_database_connection_answers_451_and_the_retried_reply_is_answered_once(
+    daemon: Daemon,
+) -> None:
+    """As when PostgreSQL restarts: each broken connection costs one 451, which senders retry."""
+    request, notification = await daemon.notified()
+    reply = reply_to(notification, "approved")
+    recipient = str(reply["To"])
+    assert (
+        await deliver(daemon.port, reply_to(notification, "x"), mail_from=FORGER, rcpt=[recipient])
+    ).code == 250
+    engine = sa.create_engine(daemon.config.daemon.database_url)
+    with engine.connect() as conn:
+        ended = conn.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'hitl-mail-edge' AND datname = current_database()"
+            )
+        ).scalar_one()
+    engine.dispose()
+    assert ended == 2  # the edge's read and write connections
+
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as at_rcpt:
+        await deliver(daemon.port, reply, mail_from=ASSIGNEE, rcpt=[recipient])
+    with pytest.raises(aiosmtplib.SMTPDataError) as at_data:
+        await deliver(daemon.port, reply, mail_from=ASSIGNEE, rcpt=[recipient])
+    assert (at_rcpt.value.code, at_data.value.code) == (451, 451)
+    await answer(daemon, reply)
+
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "approved"
+    assert [m.dedupe_key for m in daemon.inbound()].count(f"mid:{reply['Message-ID']}") == 1
 
 
 @pytest.mark.parametrize(

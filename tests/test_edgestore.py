@@ -1,0 +1,115 @@
+"""The SMTP edge's database operations (edgestore.py), on the backend under test.
+
+Each test runs against the edge store `edge_store` picks for this database
+(`SqliteEdge` or `PsycopgEdge`) and against `PooledEdge`, which every other
+database gets; rows written are read back through the ORM the answering
+stage uses, so a column the edge encodes differently would show here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from conftest import BACKEND
+from sqlmodel import select
+
+from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
+from hitl_mail.models import FeedbackRequest, InboundMessage, InboundStatus, RequestStatus, utcnow
+from hitl_mail.store import Store
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["native", "pooled"])
+async def edge(request: pytest.FixtureRequest, store: Store) -> AsyncIterator[EdgeStore]:
+    chosen = edge_store(store) if request.param == "native" else PooledEdge(store)
+    yield chosen
+    await chosen.close()
+
+
+def add_request(store: Store, request_id: str, assigned_to: str | None) -> None:
+    store.add(
+        FeedbackRequest(
+            id=request_id,
+            status=RequestStatus.PENDING,
+            flow_id="f1",
+            flow_class="review_flows.ReviewFlow",
+            method_name="review",
+            assigned_to=assigned_to,
+            created_at=utcnow(),
+        )
+    )
+
+
+def stored_rows(store: Store) -> list[InboundMessage]:
+    with store.session() as session:
+        return list(session.exec(select(InboundMessage).order_by(InboundMessage.id)))  # type: ignore[arg-type]
+
+
+def test_the_daemon_s_own_databases_get_an_edge_of_their_own(store: Store) -> None:
+    expected = SqliteEdge if BACKEND == "sqlite" else PsycopgEdge
+    assert type(edge_store(store)) is expected
+
+
+async def test_the_read_answers_the_assignee_and_nothing_for_an_unknown_request(
+    edge: EdgeStore, store: Store
+) -> None:
+    add_request(store, "r1", "owner@example.com")
+    add_request(store, "r2", None)
+    assert await edge.assignee("r1") == "owner@example.com"
+    assert await edge.assignee("r2") is None
+    assert await edge.assignee("nosuchrequest") is None
+
+
+async def test_reads_made_at_once_each_get_their_own_answer(edge: EdgeStore, store: Store) -> None:
+    for n in range(10):
+        add_request(store, f"r{n}", f"person{n}@example.com")
+    ids = [f"r{n % 12}" for n in range(60)]  # r10 and r11 do not exist
+    answers = await asyncio.gather(*(edge.assignee(i) for i in ids))
+    assert answers == [f"person{i[1:]}@example.com" if int(i[1:]) < 10 else None for i in ids]
+
+
+async def test_a_stored_message_reads_back_whole_and_a_second_delivery_is_a_duplicate(
+    edge: EdgeStore, store: Store
+) -> None:
+    raw = b"Message-ID: <a@x>\r\nSubject: caf\xc3\xa9\r\n\r\napproved\r\n\x00\xff"
+    item = ("mid:<a@x>", "owner@example.com", ["reply+tok@reply.example.com", "b@x"], raw)
+    assert await edge.store(item) is True
+    assert await edge.store(item) is False
+    [row] = stored_rows(store)
+    assert (row.dedupe_key, row.envelope_from, row.recipients, row.raw) == item
+    assert (row.status, row.attempts, row.lease_until) == (InboundStatus.NEW, 0, None)
+    assert abs((utcnow() - row.received_at).total_seconds()) < 60
+
+
+async def test_messages_stored_at_once_share_commits_and_each_gets_its_own_answer(
+    edge: EdgeStore, store: Store
+) -> None:
+    keys = [f"mid:<{n % 40}@x>" for n in range(60)]  # the last 20 repeat earlier ones
+    results = await asyncio.gather(
+        *(edge.store((key, "o@x", ["r@x"], key.encode())) for key in keys)
+    )
+    assert sum(results) == 40
+    assert results[:40] == [True] * 40
+    assert sorted(r.dedupe_key for r in stored_rows(store)) == sorted(set(keys))
+    assert edge.store.runs < 20  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(
+    BACKEND != "postgres", reason="SQLite stores any string; PostgreSQL refuses NUL"
+)
+async def test_one_message_the_database_refuses_does_not_refuse_the_others_stored_with_it(
+    edge: EdgeStore, store: Store
+) -> None:
+    items = [(f"mid:<{n}@x>", "o\x00@x" if n == 3 else "o@x", ["r@x"], b"m") for n in range(8)]
+    results = await asyncio.gather(*(edge.store(item) for item in items), return_exceptions=True)
+    assert [isinstance(r, Exception) for r in results] == [n == 3 for n in range(8)]
+    assert len(stored_rows(store)) == 7
