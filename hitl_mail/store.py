@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -48,6 +48,18 @@ _READ_ONLY = "hitl_mail_read_only"  # execution option: a transaction that only 
 
 class NotFound(LookupError):
     """No request with that id."""
+
+
+class Sending(NamedTuple):
+    """A claimed outbox row, as the sending stage needs it (ORM objects cost more than the send)."""
+
+    id: int
+    request_id: str | None
+    kind: str
+    recipient: str
+    message_id: str
+    raw: bytes
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -367,7 +379,8 @@ class Store:
 
     # -- outbox ---------------------------------------------------------------
 
-    def claim_outbox(self, limit: int, lease: timedelta) -> list[OutboxMessage]:
+    def claim_outbox(self, limit: int, lease: timedelta) -> list[Sending]:
+        """Lease up to `limit` due messages; what sending needs of each, straight from the UPDATE."""
         now = utcnow()
         due = (
             select(OutboxMessage.id)
@@ -381,7 +394,9 @@ class Store:
             .order_by(col(OutboxMessage.next_attempt_at), col(OutboxMessage.id))
             .limit(limit)
         )
-        return self._claim(OutboxMessage, due, now, lease)
+        outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
+        columns = [getattr(outbox.c, name) for name in Sending._fields]
+        return [Sending(*row) for row in self._claim(OutboxMessage, due, now, lease, columns)]
 
     def update_outbox(self, message_id: int, also: Sequence[Any] = (), **values: Any) -> None:
         with self.session() as session:
