@@ -60,6 +60,8 @@ class RequestStatus:
 
 class FeedbackRequest(SQLModel, table=True):
     __tablename__ = "requests"
+    # The resume stage's claim walks answered requests oldest first (store.claim_resumable).
+    __table_args__ = (sa.Index("ix_requests_resumable", "status", "answered_at"),)
 
     id: str = Field(primary_key=True, max_length=32)
     status: str = Field(index=True, max_length=20)

@@ -273,24 +273,35 @@ class Store:
     # -- resume queue -------------------------------------------------------
 
     def claim_resumable(self, limit: int, lease: timedelta) -> list[Resumable]:
+        """Lease up to `limit` requests to resume: answered ones oldest first, and failed ones due again.
+
+        Two candidate lists, each read in index order (`ix_requests_resumable`,
+        `ix_requests_resume_after`) and cut at `limit`: one query with OR over
+        both sorted every answered request at each claim, which under a
+        backlog of thousands cost milliseconds per resume.
+        """
         now = utcnow()
-        failed_due = sa.and_(
-            col(FeedbackRequest.status) == RequestStatus.RESUME_FAILED,
-            col(FeedbackRequest.resume_after).is_not(None),
-            col(FeedbackRequest.resume_after) <= now,
+        lease_free = sa.or_(
+            col(FeedbackRequest.lease_until).is_(None), col(FeedbackRequest.lease_until) < now
         )
-        ready = (
+        failed_due = (
             select(FeedbackRequest.id)
-            .where(sa.or_(col(FeedbackRequest.status) == RequestStatus.ANSWERED, failed_due))
-            .where(
-                sa.or_(
-                    col(FeedbackRequest.lease_until).is_(None),
-                    col(FeedbackRequest.lease_until) < now,
-                )
-            )
+            .where(col(FeedbackRequest.status) == RequestStatus.RESUME_FAILED)
+            .where(col(FeedbackRequest.resume_after) <= now)
+            .where(lease_free)
+            .order_by(col(FeedbackRequest.resume_after))
+            .limit(limit)
+            .subquery()
+        )
+        answered = (
+            select(FeedbackRequest.id)
+            .where(col(FeedbackRequest.status) == RequestStatus.ANSWERED)
+            .where(lease_free)
             .order_by(col(FeedbackRequest.answered_at))
             .limit(limit)
+            .subquery()
         )
+        ready = sa.union_all(select(failed_due.c.id), select(answered.c.id)).limit(limit)
         requests = FeedbackRequest.__table__  # type: ignore[attr-defined]
         columns = (requests.c.id, requests.c.flow_class, requests.c.resume_attempts)
         return [Resumable(*row) for row in self._claim(FeedbackRequest, ready, now, lease, columns)]
@@ -560,7 +571,7 @@ class Store:
         """
         rows = table.__table__
         with self.session() as session:
-            ids = list(session.exec(candidates))
+            ids = list(session.execute(candidates).scalars())
             if not ids:
                 session.rollback()
                 return []
