@@ -16,8 +16,7 @@ import threading
 from hitl_mail import outcomes, systemd
 from hitl_mail.answering import Answering
 from hitl_mail.config import Config
-from hitl_mail.inbound import ReplyHandler, start_listener
-from hitl_mail.intake import addressing
+from hitl_mail.listener import ListenerProcess
 from hitl_mail.metrics import HealthServer, Metrics
 from hitl_mail.models import RequestStatus
 from hitl_mail.outbound import Outbox
@@ -51,8 +50,12 @@ class App:
             config, self.store, on_processed=self._reply_processed, metrics=self.metrics
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
-        self._server: asyncio.Server | None = None
-        self._handler: ReplyHandler | None = None
+        self.listener = ListenerProcess(
+            config,
+            on_stored=self._stored,
+            on_refused=self.metrics.reply_refused,
+            on_exit=self._listener_exited,
+        )
         self._health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.failed: str | None = None  # the stage whose crash stopped the daemon
@@ -71,17 +74,7 @@ class App:
         """
         config = self.config
         await asyncio.to_thread(self.store.migrate)
-        self._handler = handler = ReplyHandler(
-            self.store,
-            addressing(config),
-            config.secret_keys,
-            on_stored=self._stored,
-            observe_refusal=self.metrics.reply_refused,
-        )
-        self._server = await start_listener(
-            config.inbound, handler, hostname=config.outbound.domain
-        )
-        self.smtp_port = self._server.sockets[0].getsockname()[1]
+        self.smtp_port = await self.listener.start()
         self.resumer.warm_up()
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()
@@ -94,9 +87,10 @@ class App:
             self.health_port = await self._health.start(config.health.host, config.health.port)
         self.ready = True
         log.info(
-            "ready: SMTP on %s:%d, database %s",
+            "ready: SMTP on %s:%d (listener process %s), database %s",
             config.inbound.host,
             self.smtp_port,
+            self.listener.pid,
             _redacted(config.daemon.database_url),
         )
 
@@ -104,12 +98,11 @@ class App:
         self.ready = False
         systemd.stopping()
         log.info("stopping")
-        if self._server is not None:
-            self._server.close()
-        self.stopping.set()
         # One budget for everything, so `serve` exits within shutdown_timeout.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.daemon.shutdown_timeout.total_seconds()
+        self.stopping.set()
+        await self.listener.stop(self.config.daemon.shutdown_timeout.total_seconds() / 2)
         await self.resumer.drain(max(deadline - loop.time(), 0.0))
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=max(deadline - loop.time(), 0.1))
@@ -118,8 +111,6 @@ class App:
         if self._health is not None:
             await self._health.stop()
         await outcomes.close_llm_clients()
-        if self._handler is not None:
-            await self._handler.close()
         self.store.close()
         log.info("stopped")
 
@@ -145,6 +136,14 @@ class App:
             exc_info=task.exception(),
         )
         self.failed = self.failed or task.get_name()
+        self.stopping.set()
+
+    def _listener_exited(self, code: int | None) -> None:
+        log.critical(
+            "the SMTP listener process ended (exit code %s); stopping so that the daemon is restarted",
+            code,
+        )
+        self.failed = self.failed or "SMTP listener"
         self.stopping.set()
 
     def _stored(self) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -159,9 +160,15 @@ def tls_context(settings: InboundSettings) -> ssl.SSLContext | None:
 
 
 async def start_listener(
-    settings: InboundSettings, handler: ReplyHandler, hostname: str
+    settings: InboundSettings,
+    handler: ReplyHandler,
+    hostname: str,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen on `[inbound].host:port` in the running loop; raises OSError when the port is taken."""
+    """Listen on `sock`, or on `[inbound].host:port`, in the running loop.
+
+    Raises OSError when the port is taken.
+    """
     context = tls_context(settings)
 
     def factory() -> Any:
@@ -177,4 +184,6 @@ async def start_listener(
         )
 
     loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock)
     return await loop.create_server(factory, host=settings.host, port=settings.port)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -339,6 +341,48 @@ def test_a_stage_that_fails_stops_serve_with_exit_1_so_the_service_manager_resta
     assert "the Timers stage failed" in caplog.text
     assert "disk on fire" in caplog.text
     assert "stopped" in caplog.text
+
+
+def test_when_the_smtp_listener_process_dies_serve_exits_1_so_the_service_manager_restarts_it(
+    setup: Setup,
+) -> None:
+    daemon = setup.start_daemon()
+    wait_until(lambda: "ready:" in setup.daemon_log(), 30, what="the ready log line")
+    found = re.search(r"listener process (\d+)", setup.daemon_log())
+    assert found is not None, setup.daemon_log()[-3000:]
+
+    os.kill(int(found.group(1)), signal.SIGKILL)
+
+    assert daemon.wait(timeout=SHUTDOWN_WITHIN) == 1
+    log = setup.daemon_log()
+    assert "the SMTP listener process ended (exit code -9)" in log, log[-3000:]
+    assert "stopped" in log
+
+
+def test_a_signal_to_every_process_of_the_daemon_still_shuts_it_down_cleanly(
+    setup: Setup,
+) -> None:
+    """As Ctrl-C in a terminal, or a service manager that signals the whole group, does."""
+    with open(setup.tmp / "daemon-group.log", "wb") as log:
+        daemon = subprocess.Popen(
+            serve_command(setup.config),
+            env=setup.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    setup.processes.append(daemon)
+    wait_until(lambda: "ready:" in setup.daemon_log(), 30, what="the ready log line")
+
+    started = time.monotonic()
+    os.killpg(daemon.pid, signal.SIGTERM)
+
+    assert daemon.wait(timeout=30) == 0, setup.daemon_log()[-3000:]
+    assert time.monotonic() - started < SHUTDOWN_WITHIN
+    output = setup.daemon_log()
+    assert "stopped" in output
+    assert "listener process ended" not in output
+    assert "Traceback" not in output, output[-3000:]
 
 
 # -- systemd ----------------------------------------------------------------------------
