@@ -29,12 +29,13 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 
-from hitl_mail.models import InboundStatus, utcnow
-from hitl_mail.store import InboundItem, Store
+from hitl_mail.models import InboundMessage, InboundStatus, utcnow
+from hitl_mail.store import InboundItem, Store, sqlite_pragmas, wait_for_write_lock
 
 if TYPE_CHECKING:
     import psycopg
@@ -44,6 +45,7 @@ V = TypeVar("V")
 
 SQLITE_BUSY_TIMEOUT_MS = 200  # a WAL reader waits only while a crashed writer's WAL is recovered
 PG_CONNECT_TIMEOUT_S = 10
+NEW = InboundStatus.NEW
 PG_APPLICATION_NAME = "hitl-mail-edge"  # how the edge's connections show in pg_stat_activity
 
 
@@ -136,6 +138,8 @@ def _committer(
 
 
 class PooledEdge:
+    """Both operations through `Store` in worker threads: any database SQLAlchemy speaks."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
         self.store = _committer(self._write)
@@ -150,13 +154,36 @@ class PooledEdge:
         await self.store.wait_idle()
 
 
-class SqliteEdge(PooledEdge):
-    QUERY = "SELECT assigned_to FROM requests WHERE id = ?"
+class SqliteEdge:
+    """The read inline on a `query_only` connection; the write on a connection of its own.
+
+    The write runs in one thread of its own (it waits for an fsync) and goes
+    straight to `sqlite3`: through the pooled engine each commit cost 280 µs
+    of CPU before its first row (checkout, events, reset), this way 90 µs.
+    Values are encoded by the columns' own SQLAlchemy types, so the rows read
+    back through the ORM exactly as rows it wrote.
+    """
+
+    READ = "SELECT assigned_to FROM requests WHERE id = ?"
+    WRITE = (
+        "INSERT INTO inbound (dedupe_key, envelope_from, recipients, raw, received_at, status,"
+        " attempts) VALUES {rows} ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
+    )
+    MAX_BATCH = 100  # 6 parameters a row, under SQLite's oldest limit of 999
 
     def __init__(self, store: Store, path: str) -> None:
-        super().__init__(store)
         self.path = path
         self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbound-commit")
+        self.store = Coalesce(
+            self._write, name="inbound-group-commit", max_batch=self.MAX_BATCH, split_on_error=True
+        )
+        columns = InboundMessage.__table__.c  # type: ignore[attr-defined]
+        dialect = store.engine.dialect
+        as_is: Callable[[Any], Any] = lambda value: value  # noqa: E731
+        self._encode_recipients = columns.recipients.type.bind_processor(dialect) or as_is
+        self._encode_time = columns.received_at.type.bind_processor(dialect) or as_is
 
     async def assignee(self, request_id: str) -> str | None:
         if self._reader is None:
@@ -164,17 +191,50 @@ class SqliteEdge(PooledEdge):
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only=ON")
             self._reader = conn
-        row = self._reader.execute(self.QUERY, (request_id,)).fetchone()
+        row = self._reader.execute(self.READ, (request_id,)).fetchone()
         return None if row is None or row[0] is None else str(row[0])
 
+    async def _write(self, items: list[InboundItem]) -> list[bool]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writing, self._write_now, items)
+
+    def _write_now(self, items: list[InboundItem]) -> list[bool]:
+        if self._writer is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False)
+            sqlite_pragmas(conn)
+            conn.execute("PRAGMA busy_timeout=0")  # wait_for_write_lock retries faster
+            self._writer = conn
+        conn = self._writer
+        received_at = self._encode_time(utcnow())
+        params: list[Any] = []
+        for key, sender, recipients, raw in items:
+            params += (key, sender, self._encode_recipients(recipients), raw, received_at, NEW)
+        query = self.WRITE.format(rows=",".join(["(?,?,?,?,?,?,0)"] * len(items)))
+        wait_for_write_lock(conn)
+        try:
+            inserted = {row[0] for row in conn.execute(query, params)}
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        stored = []
+        for key, *_ in items:
+            stored.append(key in inserted)
+            inserted.discard(key)  # a second copy in the same batch is a duplicate
+        return stored
+
     async def close(self) -> None:
-        await super().close()
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        await self.store.wait_idle()
+        self._writing.shutdown(wait=True)
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
 
 
 class PsycopgEdge:
+    """Both operations on autocommit async connections of their own, one statement each."""
+
     READ = "SELECT id, assigned_to FROM requests WHERE id = ANY(%s)"
     # One statement, so one round trip and (autocommit) one transaction for a whole batch.
     WRITE = (

@@ -75,13 +75,13 @@ class Resumable:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -103,12 +103,12 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     raw = conn.connection.dbapi_connection
     raw.execute("PRAGMA busy_timeout=0")
     try:
-        _wait_for_write_lock(raw)
+        wait_for_write_lock(raw)
     finally:
         raw.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
 
-def _wait_for_write_lock(raw: sqlite3.Connection) -> None:
+def wait_for_write_lock(raw: sqlite3.Connection) -> None:
     """BEGIN IMMEDIATE, retried every 0.2 ms at first, then up to every 5 ms.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25... ms between
