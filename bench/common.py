@@ -61,6 +61,9 @@ def child_env(**extra: str) -> dict[str, str]:
     code = os.environ.get("HITL_MAIL_BENCH_CODE")
     if code:
         env["PYTHONPATH"] = f"{code}{os.pathsep}{ROOT}"
+        # `python -m` puts the working directory (this checkout) first on sys.path,
+        # ahead of PYTHONPATH, so without this the checkout's hitl_mail would win.
+        env["PYTHONSAFEPATH"] = "1"
     return env
 
 
@@ -156,6 +159,22 @@ class Seeded:
     notification_id: str
 
 
+def migrate(database_url: str) -> None:
+    """Create or upgrade the schema with the hitl_mail under test (a `--baseline` may be older)."""
+    subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import sys; from hitl_mail.store import Store; Store(sys.argv[1]).migrate()",
+            database_url,
+        ],
+        env=child_env(),
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
+
+
 def seed_requests(
     database_url: str,
     count: int,
@@ -171,8 +190,8 @@ def seed_requests(
     from hitl_mail.models import FeedbackRequest, Timer, utcnow
     from hitl_mail.store import Store
 
+    migrate(database_url)
     store = Store(database_url)
-    store.migrate()
     now = utcnow()
     base = context or {
         "flow_class": "nowhere.Flow",
