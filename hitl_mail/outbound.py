@@ -2,9 +2,9 @@
 
 Rows in `outbox` hold the finished message bytes, so a retry after a restart
 sends exactly what was composed. A row is sent at most once per lease: it is
-claimed, sent, then marked (sent rows are marked in batches, in the
-background, while the next ones go out); a crash between send and mark can
-repeat the messages not yet marked, never lose one (mail is at-least-once by
+claimed, sent, then marked (the rows of one claim together, in one commit);
+a crash between send and mark can repeat the messages not yet marked, never
+lose one (mail is at-least-once by
 nature, and the repeat carries the same Message-ID, which receiving clients
 collapse).
 """
@@ -29,8 +29,7 @@ from hitl_mail.waiting import idle
 log = logging.getLogger(__name__)
 
 ACTOR = "hitl-mail"
-BATCH = 50
-RECORD_EVERY = 25  # sent rows per commit (_SentRecorder)
+BATCH = 50  # messages per claim, and per commit of their "sent" marks
 
 SendObserver = Callable[[str, str], None]  # (kind, "sent" | "retry" | "failed")
 
@@ -150,9 +149,18 @@ class Outbox:
         await self.sender.close()
 
     async def drain_once(self, stopping: asyncio.Event | None = None) -> bool:
+        """Send what one claim leased, then record the sent ones in one commit.
+
+        One commit per message cost more than sending it (an fsync each on
+        SQLite), and commits in a thread beside the sending loop took the GIL
+        from it at every send (PostgreSQL: 72 % of the bare loop's rate, 85 %
+        recording once per claim). A crash before that commit re-sends the
+        claim's messages once their lease runs out (at least once, same
+        Message-ID), never loses one.
+        """
         lease = self.settings.timeout * 3
         rows = await asyncio.to_thread(self.store.claim_outbox, BATCH, lease)
-        recorder = _SentRecorder(self._sent_many, every=RECORD_EVERY)
+        sent: list[tuple[Sending, int]] = []
         try:
             for row in rows:
                 if stopping is not None and stopping.is_set():
@@ -161,9 +169,10 @@ class Outbox:
                     continue
                 attempt = row.attempts + 1
                 if await self._send(row, attempt):
-                    recorder.add(row, attempt)
+                    sent.append((row, attempt))
         finally:
-            await recorder.close()
+            if sent:
+                await asyncio.to_thread(self._sent_many, sent)
         return bool(rows)
 
     async def _send(self, row: Sending, attempt: int) -> bool:
@@ -267,41 +276,6 @@ class Outbox:
         if due is not None:
             wait = min(wait, max((due - utcnow()).total_seconds(), 0.0))
         await idle(self.wakeup, stopping, wait)
-
-
-class _SentRecorder:
-    """Records sent rows in the background, `every` per commit, while the next messages go out.
-
-    One commit per message cost more than sending it (an fsync each on
-    SQLite), and a commit started for every message or two kept a thread
-    busy beside the sending loop, each taking the GIL from the other: that
-    doubled the sending stage's CPU per message. So a commit waits for
-    `every` sent rows, and `close()` records the rest. A crash before a batch
-    is committed re-sends its messages once their lease runs out (at least
-    once, same Message-ID), never loses one. `close()` returns when every
-    added row is recorded, and raises what recording raised.
-    """
-
-    def __init__(self, record: Callable[[list[tuple[Sending, int]]], None], every: int) -> None:
-        self._record = record
-        self._every = every
-        self._waiting: list[tuple[Sending, int]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    def add(self, row: Sending, attempt: int) -> None:
-        self._waiting.append((row, attempt))
-        if len(self._waiting) >= self._every and (self._writer is None or self._writer.done()):
-            self._writer = asyncio.create_task(self._write())
-
-    async def _write(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            await asyncio.to_thread(self._record, batch)
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer
-        await self._write()
 
 
 def _detail(row: Sending, attempt: int) -> dict[str, object]:
