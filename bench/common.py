@@ -387,15 +387,25 @@ def process_cpu(pid: int) -> float:
 
 
 def children_cpu(pid: int) -> float:
-    """CPU seconds of the live child processes of `pid` (the daemon's resume workers)."""
-    total = 0.0
+    """CPU seconds of the live descendants of `pid`: the daemon's resume workers, and its
+    SMTP listener (a child of the daemon's fork server)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        child = int(stat.parent.name)
+        parent[child] = int(fields[1])
+        cpu[child] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for child, seconds in cpu.items():
+        ancestor = parent.get(child, 0)
+        while ancestor > 1 and ancestor != pid:
+            ancestor = parent.get(ancestor, 0)
+        if ancestor == pid:
+            total += seconds
     return total
 
 

@@ -195,7 +195,7 @@ def section_resume(r: dict[str, Any]) -> list[str]:
         f"({_pct(_ratio(b['drained_rate'], c['rate']))} of the ceiling) |",
         f"| none lost | {b['confirmations']:,} confirmations at the sink, {b['inbound_left']} stored replies left |",
         f"| CPU per reply during burst + drain | daemon process {_n(b.get('daemon_cpu_ms_per_reply'), 1)} ms "
-        f"(SMTP, answering, sending, recording), resume workers {_n(b.get('workers_cpu_ms_per_reply'), 1)} ms |",
+        f"(answering, sending, recording), its SMTP listener and resume workers {_n(b.get('workers_cpu_ms_per_reply'), 1)} ms |",
         f"| 250s, idle daemon | {idle['sent']} replies, 8 clients: {_n(idle['rate'])}/s, p50 {_n(idle['p50_ms'], 1)} ms, p99 {_n(idle['p99_ms'], 1)} ms |",
         f"| 250s while draining | {draining['sent']} replies, 8 clients: {_n(draining['rate'])}/s, p50 {_n(draining['p50_ms'], 1)} ms, p99 {_n(draining['p99_ms'], 1)} ms |",
         "",
