@@ -38,6 +38,7 @@ from llm_server import FakeLLMServer  # noqa: E402
 
 from hitl_mail import outcomes  # noqa: E402
 from hitl_mail.resume import Resumer  # noqa: E402
+from hitl_mail.store import Store  # noqa: E402
 
 PG_URL = os.environ.get("HITL_MAIL_TEST_PG_URL", "")
 BACKEND = os.environ.get("HITL_MAIL_TEST_DB", "sqlite")
@@ -98,6 +99,15 @@ def database_url(tmp_path: Path) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated `Store` on the test database, for tests below the daemon."""
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
 
 
 # -- mail sink --------------------------------------------------------------------

@@ -9,7 +9,7 @@ stage uses, so a column the edge encodes differently would show here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from conftest import BACKEND
@@ -18,14 +18,6 @@ from sqlmodel import select
 from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
 from hitl_mail.models import FeedbackRequest, InboundMessage, InboundStatus, RequestStatus, utcnow
 from hitl_mail.store import Store
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 @pytest.fixture(params=["native", "pooled"])

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-
-import pytest
 
 from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow
 from hitl_mail.store import Store
 
 LEASE = timedelta(minutes=5)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def add(store: Store, request_id: str, status: str, **values: datetime) -> None:
