@@ -102,7 +102,7 @@ class App:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.daemon.shutdown_timeout.total_seconds()
         self.stopping.set()
-        await self.listener.stop(self.config.daemon.shutdown_timeout.total_seconds() / 2)
+        await self.listener.stop((deadline - loop.time()) / 2)
         await self.resumer.drain(max(deadline - loop.time(), 0.0))
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=max(deadline - loop.time(), 0.1))

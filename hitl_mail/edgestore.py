@@ -9,8 +9,8 @@ connections of its own, chosen by database:
 
 - SQLite (`SqliteEdge`): the read runs inline on the event loop through a
   `query_only` connection: a primary-key read in WAL mode takes microseconds
-  and never waits for a writer. The write, which waits for an fsync, runs in
-  a worker thread through `Store.store_inbound_many`.
+  and never waits for a writer. The write, which waits for an fsync, runs on
+  a `sqlite3` connection of its own in one thread of its own.
 - PostgreSQL through psycopg (`PsycopgEdge`): two autocommit
   `AsyncConnection`s on the event loop, one for reads and one for writes,
   each statement one round trip; opened at first use and again after an error.
@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import sqlalchemy as sa
 
 from hitl_mail.models import InboundMessage, InboundStatus, utcnow
-from hitl_mail.store import InboundItem, Store, sqlite_pragmas, wait_for_write_lock
+from hitl_mail.store import (
+    InboundItem,
+    Store,
+    sqlite_pragmas,
+    stored_flags,
+    wait_for_write_lock,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -45,7 +51,6 @@ V = TypeVar("V")
 
 SQLITE_BUSY_TIMEOUT_MS = 200  # a WAL reader waits only while a crashed writer's WAL is recovered
 PG_CONNECT_TIMEOUT_S = 10
-NEW = InboundStatus.NEW
 PG_APPLICATION_NAME = "hitl-mail-edge"  # how the edge's connections show in pg_stat_activity
 
 
@@ -132,9 +137,9 @@ def edge_store(store: Store) -> EdgeStore:
 
 
 def _committer(
-    write: Callable[[list[InboundItem]], Awaitable[list[bool]]],
+    write: Callable[[list[InboundItem]], Awaitable[list[bool]]], max_batch: int = 256
 ) -> Coalesce[InboundItem, bool]:
-    return Coalesce(write, name="inbound-group-commit", split_on_error=True)
+    return Coalesce(write, name="inbound-group-commit", max_batch=max_batch, split_on_error=True)
 
 
 class PooledEdge:
@@ -176,9 +181,7 @@ class SqliteEdge:
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbound-commit")
-        self.store = Coalesce(
-            self._write, name="inbound-group-commit", max_batch=self.MAX_BATCH, split_on_error=True
-        )
+        self.store = _committer(self._write, max_batch=self.MAX_BATCH)
         columns = InboundMessage.__table__.c  # type: ignore[attr-defined]
         dialect = store.engine.dialect
         as_is: Callable[[Any], Any] = lambda value: value  # noqa: E731
@@ -205,10 +208,10 @@ class SqliteEdge:
             conn.execute("PRAGMA busy_timeout=0")  # wait_for_write_lock retries faster
             self._writer = conn
         conn = self._writer
-        received_at = self._encode_time(utcnow())
+        received_at, status = self._encode_time(utcnow()), InboundStatus.NEW
         params: list[Any] = []
         for key, sender, recipients, raw in items:
-            params += (key, sender, self._encode_recipients(recipients), raw, received_at, NEW)
+            params += (key, sender, self._encode_recipients(recipients), raw, received_at, status)
         query = self.WRITE.format(rows=",".join(["(?,?,?,?,?,?,0)"] * len(items)))
         wait_for_write_lock(conn)
         try:
@@ -217,11 +220,7 @@ class SqliteEdge:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        stored = []
-        for key, *_ in items:
-            stored.append(key in inserted)
-            inserted.discard(key)  # a second copy in the same batch is a duplicate
-        return stored
+        return stored_flags([key for key, *_ in items], inserted)
 
     async def close(self) -> None:
         await self.store.wait_idle()
@@ -269,11 +268,7 @@ class PsycopgEdge:
             list(raws),
         )
         inserted = {row[0] for row in await self._execute("write", self.WRITE, params)}
-        stored = []
-        for key in keys:
-            stored.append(key in inserted)
-            inserted.discard(key)  # a second copy in the same batch is a duplicate
-        return stored
+        return stored_flags(keys, inserted)
 
     async def _execute(self, role: str, query: str, params: tuple[Any, ...]) -> list[Any]:
         conn = self._conns.get(role)

@@ -6,9 +6,8 @@ local part that is not one of our signed tokens). DATA stores the raw bytes
 and commits before answering 250, so a crash right after the 250 loses
 nothing. Concurrent DATA handlers share commits, and concurrent RCPTs share
 queries (edgestore.py): each 250 still waits for the commit that holds its
-message. No parsing beyond the
-Message-ID, no LLM, no flow code and no outbound mail happen inside the SMTP
-transaction (see answering.py).
+message. No parsing beyond the Message-ID, no LLM, no flow code and no
+outbound mail happen inside the SMTP transaction (see answering.py).
 """
 
 from __future__ import annotations
@@ -55,10 +54,8 @@ def dedupe_key(raw: bytes) -> str:
         end = raw.find(b"\n\n", 0, 65536)
     head = b"\n" + raw[: end if end >= 0 else 65536]
     found = _MESSAGE_ID.search(head.lower())
-    message_id = b""
-    if found:
-        value = _FOLDED_VALUE.match(head, found.end())
-        message_id = b" ".join(value.group().split()).replace(b"\x00", b"") if value else b""
+    folded = _FOLDED_VALUE.match(head, found.end()) if found else None
+    message_id = b" ".join(folded.group().split()).replace(b"\x00", b"") if folded else b""
     if message_id:
         return "mid:" + message_id.decode("utf-8", "replace")[:480]
     return "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -75,7 +72,6 @@ class ReplyHandler:
         on_stored: Callable[[], None],
         observe_refusal: RefusalObserver | None = None,
     ) -> None:
-        self.store = store
         self.db = edge_store(store)
         self.addressing = addressing
         self.keys = keys

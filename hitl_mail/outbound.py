@@ -4,9 +4,8 @@ Rows in `outbox` hold the finished message bytes, so a retry after a restart
 sends exactly what was composed. A row is sent at most once per lease: it is
 claimed, sent, then marked (the rows of one claim together, in one commit);
 a crash between send and mark can repeat the messages not yet marked, never
-lose one (mail is at-least-once by
-nature, and the repeat carries the same Message-ID, which receiving clients
-collapse).
+lose one (mail is at-least-once by nature, and the repeat carries the same
+Message-ID, which receiving clients collapse).
 """
 
 from __future__ import annotations

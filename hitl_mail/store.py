@@ -468,11 +468,7 @@ class Store:
         ]
         with self.engine.begin() as conn:
             inserted = set(conn.execute(self._store_inbound, rows).scalars())
-        stored = []
-        for key, *_ in messages:
-            stored.append(key in inserted)
-            inserted.discard(key)  # a second copy in the same batch is a duplicate
-        return stored
+        return stored_flags([key for key, *_ in messages], inserted)
 
     def claim_inbound(self, limit: int, lease: timedelta) -> list[InboundMessage]:
         return self._claim(InboundMessage, _UNANSWERED, utcnow(), limit, lease)
@@ -593,6 +589,20 @@ _SENDING_COLUMNS = tuple(getattr(_outbox.c, name) for name in Sending._fields)
 
 _inbound = InboundMessage.__table__  # type: ignore[attr-defined]
 _UNANSWERED = _candidates(_inbound, InboundStatus.NEW, [_inbound.c.id])
+
+
+def stored_flags(keys: Sequence[str], inserted: set[str]) -> list[bool]:
+    """Per key, in order, whether an INSERT that RETURNed `inserted` stored it.
+
+    A key that comes twice in one batch was stored once: its second copy is a
+    duplicate like any other.
+    """
+    left = set(inserted)
+    flags = []
+    for key in keys:
+        flags.append(key in left)
+        left.discard(key)
+    return flags
 
 
 def _by_keys(
