@@ -59,6 +59,7 @@ _HEADERS.map_to_type("in-reply-to", cast("type[BaseHeader]", MessageIDHeader))
 _HEADERS.map_to_type("references", cast("type[BaseHeader]", MessageIDHeader))
 _POLICY = policy.SMTP.clone(header_factory=_HEADERS)
 _ONE_MSG_ID = re.compile(r"[^<>\s@]+@[^<>\s@]+")
+_LINE_END = re.compile(r"\r\n|\r|\n")  # what the stdlib generator rewrites as linesep
 _NOT_IN_HEADERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Everything Markdown may produce; nothing else survives sanitising (SPEC 5).
@@ -392,6 +393,42 @@ def _build(
     msg.attach(_text_part(_render_text(mail), "plain"))
     msg.attach(_text_part(_render_html(mail), "html"))
     return msg
+
+
+def message_bytes(msg: EmailMessage) -> bytes:
+    """`msg.as_bytes()`, byte for byte, for the shape `_build` makes, in a fraction of the time.
+
+    The stdlib generator parses each part's Content-Type several times over
+    (to choose a handler, to find the boundary) and copies every part through
+    a generator of its own: 0.45 ms a message, 40 % of the daemon's CPU for
+    recording an answer. Our messages are one multipart/alternative of text
+    parts with ready quoted-printable payloads, so writing them is folding
+    each header as the generator would and joining the lines. Any other shape
+    goes to `as_bytes` (the tests hold the two to the same bytes).
+    """
+    payload = msg.get_payload()
+    parts = cast("list[EmailMessage]", payload if isinstance(payload, list) else [])
+    texts = [text for part in parts if isinstance(text := part.get_payload(), str)]
+    boundary = msg.get_boundary() if parts else None
+    if (
+        not boundary
+        or len(texts) != len(parts)
+        or msg.preamble is not None
+        or msg.epilogue is not None
+    ):
+        return msg.as_bytes()
+    fold, nl = msg.policy.fold_binary, msg.policy.linesep
+
+    def as_ascii(value: str) -> bytes:  # as the generator writes a str
+        return value.encode("ascii", "surrogateescape")
+
+    out = [*(fold(name, value) for name, value in msg.raw_items()), as_ascii(nl)]
+    for index, (part, text) in enumerate(zip(parts, texts, strict=True)):
+        out.append(as_ascii(f"{nl if index else ''}--{boundary}{nl}"))
+        out.extend(fold(name, value) for name, value in part.raw_items())
+        out.append(as_ascii(nl + _LINE_END.sub(nl, text)))
+    out.append(as_ascii(f"{nl}--{boundary}--{nl}"))
+    return b"".join(out)
 
 
 def _set_header(msg: EmailMessage, name: str, value: str) -> None:

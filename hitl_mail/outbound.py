@@ -20,6 +20,7 @@ from email.message import EmailMessage
 
 import aiosmtplib
 
+from hitl_mail import compose
 from hitl_mail.config import OutboundSettings
 from hitl_mail.models import OutboxMessage, OutboxStatus, utcnow
 from hitl_mail.store import Sending, Store, audit_event
@@ -51,7 +52,7 @@ def queue_row(
         kind=kind,
         recipient=recipient,
         message_id=str(message["Message-ID"]),
-        raw=message.as_bytes(),
+        raw=compose.message_bytes(message),
         next_attempt_at=now,
         created_at=now,
     )

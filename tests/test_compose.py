@@ -23,6 +23,7 @@ from hitl_mail.compose import (
     confirmation,
     error_mail,
     make_message_id,
+    message_bytes,
     notification,
     reminder,
     sender_domain,
@@ -549,3 +550,30 @@ def test_non_ascii_text_survives_the_round_trip() -> None:
     assert "naïve</strong>" in page
     assert "🚀" in page
     assert "Schlüssel" in page
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_fast_writer_gives_the_stdlib_generators_bytes(kind: str) -> None:
+    built = KINDS[kind]()
+    assert message_bytes(built) == built.as_bytes()
+
+
+def test_the_fast_writer_folds_long_and_non_ascii_headers_as_the_stdlib_does() -> None:
+    long_ascii = make_content(message="Approve the quarterly budget draft " * 4)
+    long_utf8 = make_content(message="Überprüfung der Entwürfe für das nächste Quartal " * 3)
+    for content in (long_ascii, long_utf8):
+        built = confirmation(
+            content, sender=SENDER, to=TO, thread_id=THREAD_ID, outcome="ok", feedback="ok"
+        )
+        assert b"\r\n " in built.as_bytes().partition(b"\r\n\r\n")[0]  # a folded header
+        assert message_bytes(built) == built.as_bytes()
+
+
+def test_the_fast_writer_leaves_other_shapes_to_the_stdlib() -> None:
+    single = EmailMessage(policy=email.policy.SMTP)
+    single["Subject"] = "Grüße " * 30
+    single.set_content("one part\nonly\n")
+    with_preamble = build_notification()
+    with_preamble.preamble = "This is a multi-part message in MIME format."
+    for message in (single, with_preamble):
+        assert message_bytes(message) == message.as_bytes()
