@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from hitl_mail import compose, tokens
 from hitl_mail.config import Config
@@ -27,8 +27,8 @@ from hitl_mail.models import FeedbackRequest, InboundMessage, RequestStatus, utc
 from hitl_mail.outbound import queue_row
 from hitl_mail.outcomes import Decision, LLMSettings, decide
 from hitl_mail.replies import ParsedReply, parse_reply
-from hitl_mail.store import Store, audit_event
-from hitl_mail.waiting import idle
+from hitl_mail.store import Store, Transition, audit_event
+from hitl_mail.waiting import Coalesce, idle
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,26 @@ RENEW_EVERY = 5.0
 RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
 ERROR_MAIL_WINDOW = timedelta(days=1)
 TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
+
+
+class _Answer(NamedTuple):
+    """A reply that passed every check, with its decided outcome: to be recorded."""
+
+    row: InboundMessage
+    parsed: ParsedReply
+    request: FeedbackRequest
+    issued_to: str
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A parsed reply, its request if found, and either who may answer it or why it was refused."""
+
+    parsed: ParsedReply
+    request: FeedbackRequest | None
+    issued_to: str = ""
+    refused: str | None = None  # the refusal's result, already recorded
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,11 @@ class Answering:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # claimed and not yet finished: leases to renew
+        # Answers decided at about the same time are recorded in one transaction;
+        # if it fails, each is tried alone, so one bad row does not fail the rest.
+        self._recording = Coalesce(
+            self._record_together, "answering-record", max_batch=BATCH, split_on_error=True
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
         renewing = asyncio.create_task(self._keep_leases())
@@ -127,42 +152,44 @@ class Answering:
             self._slots.release()
 
     async def process(self, row: InboundMessage) -> str:
+        """Answer the request `row` replies to, or record why not; the result's name.
+
+        Worker-thread hops: one for everything up to the decision (parse, find
+        the request, the checks, and a refusal's records), then one shared by
+        the answers recorded together (`_recording`).
+        """
         assert row.id is not None
-        own = {self.config.outbound.from_addr_spec}
-        parsed = await asyncio.to_thread(
-            parse_reply,
-            row.raw,
-            envelope_from=row.envelope_from,
-            own_addresses=own,
-            own_domains={self.config.inbound.reply_domain.lower()},
+        checked = await asyncio.to_thread(self._check, row)
+        result = checked.refused or await self._decide_and_record(row, checked)
+        request_id = checked.request.id if checked.request else None
+        log.info(
+            "reply %s (%s) for request %s: %s",
+            row.id,
+            checked.parsed.message_id,
+            request_id,
+            result,
         )
-        request_id: str | None = None
-        try:
-            token, request = await asyncio.to_thread(self._locate, row, parsed)
-            request_id = request.id
-            result = await self._answer(row, parsed, token, request)
-        except Refusal as refusal:
-            result = refusal.result
-            detail = {
-                "from": parsed.from_address,
-                "message_id": parsed.message_id,
-                "why": refusal.detail,
-            }
-            events = [
-                audit_event(
-                    request_id,
-                    f"reply_{refusal.result}",
-                    parsed.from_address or "unknown",
-                    "email",
-                    detail,
-                )
-            ]
-            await asyncio.to_thread(self.store.finish_inbound, row.id, result, request_id, events)
-        log.info("reply %s (%s) for request %s: %s", row.id, parsed.message_id, request_id, result)
         if result != "answered":
             self.metrics.reply_refused(result)
         self.on_processed()  # an answer to resume, or a confirmation or error email to send
         return result
+
+    def _check(self, row: InboundMessage) -> _Checked:
+        """Parse, find the request, check the reply may answer it; a refusal is recorded here."""
+        parsed = parse_reply(
+            row.raw,
+            envelope_from=row.envelope_from,
+            own_addresses={self.config.outbound.from_addr_spec},
+            own_domains={self.config.inbound.reply_domain.lower()},
+        )
+        request: FeedbackRequest | None = None
+        try:
+            token, request = self._locate(row, parsed)
+            issued_to = self._admissible(parsed, token, request)
+        except Refusal as refusal:
+            self._refuse(row, parsed, request, refusal)
+            return _Checked(parsed, request, refused=refusal.result)
+        return _Checked(parsed, request, issued_to)
 
     def _locate(self, row: InboundMessage, parsed: ParsedReply) -> tuple[str, FeedbackRequest]:
         token = _token_of(row, parsed, addressing(self.config))
@@ -173,33 +200,35 @@ class Answering:
             raise Refusal("unmatched", "the token names no request of ours")
         return token, request
 
-    async def _answer(
-        self, row: InboundMessage, parsed: ParsedReply, token: str, request: FeedbackRequest
-    ) -> str:
+    def _admissible(self, parsed: ParsedReply, token: str, request: FeedbackRequest) -> str:
+        """The address that may answer `request`, once the reply passed every check but the outcome."""
         if parsed.machine_reason is not None:
             raise Refusal("machine_mail", parsed.machine_reason)
         issued_to = self._issued_to(token, request)
         if parsed.from_address != issued_to:
-            await asyncio.to_thread(
-                self._tell(
-                    request,
-                    issued_to,
-                    "wrong_sender",
-                    detail=f"A reply from {parsed.from_address} was ignored.",
-                )
-            )
+            self._tell(
+                request,
+                issued_to,
+                "wrong_sender",
+                detail=f"A reply from {parsed.from_address} was ignored.",
+            )()
             raise Refusal("wrong_sender", f"From {parsed.from_address} is not {issued_to}")
         try:
             tokens.verify(token, issued_to, self.config.secret_keys, self.config.tokens.max_age)
         except tokens.ExpiredToken as exc:
-            await asyncio.to_thread(self._tell(request, issued_to, "expired"))
+            self._tell(request, issued_to, "expired")()
             raise Refusal("expired", f"token issued {exc.parts.issued_at.isoformat()}") from None
         if request.status == RequestStatus.CANCELLED:
-            await asyncio.to_thread(self._tell(request, issued_to, "cancelled"))
+            self._tell(request, issued_to, "cancelled")()
             raise Refusal("cancelled", "the request was cancelled")
         if request.status != RequestStatus.PENDING:
-            await asyncio.to_thread(self._already_answered(request, issued_to))
+            self._already_answered(request, issued_to)()
             raise Refusal("already_answered", request.status)
+        return issued_to
+
+    async def _decide_and_record(self, row: InboundMessage, checked: _Checked) -> str:
+        parsed, request, issued_to = checked.parsed, checked.request, checked.issued_to
+        assert request is not None
         decision = await decide(
             parsed.first_line,
             request.emit,
@@ -210,10 +239,7 @@ class Answering:
         if decision.llm_calls:
             self.metrics.llm_call("ok" if decision.method == "llm" else "error")
         if decision.method == "undecided":
-            await asyncio.to_thread(
-                self._tell(request, issued_to, "undecided", detail=decision.detail)
-            )
-            raise Refusal(
+            refusal = Refusal(
                 "undecided",
                 {
                     "reason": decision.detail,
@@ -221,12 +247,49 @@ class Answering:
                     "llm_calls": decision.llm_calls,
                 },
             )
-        won = await asyncio.to_thread(self._record, row, parsed, request, issued_to, decision)
-        if not won:
-            await asyncio.to_thread(self._already_answered(self.store.get(request.id), issued_to))
-            raise Refusal("already_answered", "another answer won the race")
+            tell = self._tell(request, issued_to, "undecided", detail=decision.detail)
+            return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
+        if not await self._recording(_Answer(row, parsed, request, issued_to, decision)):
+
+            def tell() -> None:
+                self._already_answered(self.store.get(request.id), issued_to)()
+
+            refusal = Refusal("already_answered", "another answer won the race")
+            return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
         self.metrics.answered((utcnow() - request.created_at).total_seconds())
         return "answered"
+
+    def _refused_after(
+        self,
+        tell: Callable[[], None],
+        row: InboundMessage,
+        parsed: ParsedReply,
+        request: FeedbackRequest,
+        refusal: Refusal,
+    ) -> str:
+        tell()
+        self._refuse(row, parsed, request, refusal)
+        return refusal.result
+
+    def _refuse(
+        self,
+        row: InboundMessage,
+        parsed: ParsedReply,
+        request: FeedbackRequest | None,
+        refusal: Refusal,
+    ) -> None:
+        """Mark the stored reply done with the refusal's result, and put the reason in the trail."""
+        assert row.id is not None
+        request_id = request.id if request else None
+        detail = {
+            "from": parsed.from_address,
+            "message_id": parsed.message_id,
+            "why": refusal.detail,
+        }
+        event = audit_event(
+            request_id, f"reply_{refusal.result}", parsed.from_address or "unknown", "email", detail
+        )
+        self.store.finish_inbound(row.id, refusal.result, request_id, [event])
 
     def _issued_to(self, token: str, request: FeedbackRequest) -> str:
         """The address the token was issued to: the request's assignee, if the token is signed for it."""
@@ -239,14 +302,19 @@ class Answering:
             ) from None
         return assignee
 
-    def _record(
-        self,
-        row: InboundMessage,
-        parsed: ParsedReply,
-        request: FeedbackRequest,
-        issued_to: str,
-        decision: Decision,
-    ) -> bool:
+    async def _record_together(self, answers: list[_Answer]) -> list[bool]:
+        return await asyncio.to_thread(self._record, answers)
+
+    def _record(self, answers: list[_Answer]) -> list[bool]:
+        """Answer each request, queue its confirmation, mark its reply done: one commit for all.
+
+        Which answers won: one that lost its race (another answer came first)
+        wrote nothing.
+        """
+        return self.store.transitions([self._answered(answer) for answer in answers])
+
+    def _answered(self, answer: _Answer) -> Transition:
+        row, parsed, request, issued_to, decision = answer
         assert row.id is not None
         outcome = decision.outcome if request.emit else None
         confirmation = compose.confirmation(
@@ -273,14 +341,14 @@ class Answering:
             "answered_by": issued_to,
             "answered_at": utcnow(),
         }
-        also = [
+        also = (
             audit_event(request.id, "answered", issued_to, "email", detail),
             queue_row(
                 confirmation, kind="confirmation", request_id=request.id, recipient=issued_to
             ),
-        ]
-        return self.store.transition(
-            request.id, [RequestStatus.PENDING], values, also, finish_inbound=(row.id, "answered")
+        )
+        return Transition(
+            request.id, (RequestStatus.PENDING,), values, also, finish_inbound=(row.id, "answered")
         )
 
     def _already_answered(self, request: FeedbackRequest, to: str) -> Callable[[], None]:

@@ -63,6 +63,16 @@ class Sending(NamedTuple):
     attempts: int
 
 
+class Transition(NamedTuple):
+    """One conditional state change of a request (see `Store.transition`)."""
+
+    request_id: str
+    from_status: tuple[str, ...]
+    values: dict[str, Any]
+    also: tuple[Any, ...] = ()
+    finish_inbound: tuple[int, str] | None = None  # (inbound id, result): mark that reply done
+
+
 @dataclass(frozen=True)
 class Resumable:
     """What the resume stage needs of a claimed request (the worker loads the rest)."""
@@ -255,15 +265,42 @@ class Store:
         This one conditional update is what makes "answered at most once"
         hold whatever races: the loser's update matches no row.
         """
+        change = Transition(request_id, tuple(from_status), values, tuple(also), finish_inbound)
+        return self.transitions([change])[0]
+
+    def transitions(self, changes: Sequence[Transition]) -> list[bool]:
+        """Several `transition`s in one transaction (one commit); which of them moved their request.
+
+        A change that loses its race writes nothing (neither `also` nor the
+        inbound row), as if it had been made alone. If any statement fails,
+        nothing is written.
+        """
+        won: list[bool] = []
+        rows: list[Any] = []
+        finished: list[dict[str, Any]] = []
         with self.session() as session:
-            if not advance(session, request_id, from_status, values):
+            for change in changes:
+                moved = advance(session, change.request_id, change.from_status, change.values)
+                won.append(moved)
+                if moved:
+                    rows.extend(change.also)
+                    if change.finish_inbound is not None:
+                        inbound_id, result = change.finish_inbound
+                        finished.append(
+                            {
+                                "inbound_id": inbound_id,
+                                "outcome_of_reply": result,
+                                "rid": change.request_id,
+                            }
+                        )
+            if not any(won):
                 session.rollback()
-                return False
-            insert_rows(session, also)
-            if finish_inbound is not None:
-                _finish_inbound(session, *finish_inbound, request_id)
+                return won
+            insert_rows(session, rows)
+            if finished:
+                session.connection().execute(_FINISH_INBOUND, finished)
             session.commit()
-            return True
+        return won
 
     # -- resume queue -------------------------------------------------------
 
@@ -664,12 +701,21 @@ def insert_rows(session: Session, rows: Sequence[Any]) -> None:
         session.connection().execute(sa.insert(table), batch)
 
 
+_INBOUND = InboundMessage.__table__  # type: ignore[attr-defined]
+_FINISH_INBOUND = (
+    sa.update(_INBOUND)
+    .where(_INBOUND.c.id == sa.bindparam("inbound_id"))
+    .values(
+        status=InboundStatus.DONE,
+        result=sa.bindparam("outcome_of_reply"),
+        request_id=sa.bindparam("rid"),
+    )
+)
+
+
 def _finish_inbound(session: Session, inbound_id: int, result: str, request_id: str | None) -> None:
-    inbound = InboundMessage.__table__  # type: ignore[attr-defined]
     session.connection().execute(
-        sa.update(inbound)
-        .where(inbound.c.id == inbound_id)
-        .values(status=InboundStatus.DONE, result=result, request_id=request_id)
+        _FINISH_INBOUND, {"inbound_id": inbound_id, "outcome_of_reply": result, "rid": request_id}
     )
 
 

@@ -1,8 +1,18 @@
-"""How a stage idles: until it is woken (new work), told to stop, or its poll interval passes."""
+"""How stages wait: idling until woken, and sharing one batch with the calls that arrive together.
+
+`idle`: until the stage is woken (new work), told to stop, or its poll
+interval passes. `Coalesce`: concurrent calls of one operation go to the
+database together, so under load one statement and one commit serve many.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 async def idle(wakeup: asyncio.Event, stopping: asyncio.Event, timeout: float) -> None:
@@ -12,3 +22,64 @@ async def idle(wakeup: asyncio.Event, stopping: asyncio.Event, timeout: float) -
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+class Coalesce(Generic[K, V]):
+    """`await coalesce(item)`: items that arrive while a batch runs go together in the next.
+
+    `run(items)` returns one result per item, in order. A handler's result
+    comes only after the batch that holds its item has finished; if the batch
+    raises, each item of it is run again alone (when `split_on_error`), so one
+    item the database refuses does not refuse its neighbours, and then every
+    item that still fails gets the exception. Alone, an item waits for one
+    run as it would without this.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[K]], Awaitable[list[V]]],
+        name: str,
+        max_batch: int = 256,
+        split_on_error: bool = False,
+    ) -> None:
+        self._run = run
+        self._name = name
+        self._max_batch = max_batch
+        self._split_on_error = split_on_error
+        self._waiting: list[tuple[K, asyncio.Future[V]]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self.runs = 0  # batches run so far, split ones included
+
+    async def __call__(self, item: K) -> V:
+        done: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run_waiting(), name=self._name)
+        return await done
+
+    async def wait_idle(self) -> None:
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    async def _run_waiting(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            await self._run_batch(batch, self._split_on_error)
+
+    async def _run_batch(self, batch: list[tuple[K, asyncio.Future[V]]], split: bool) -> None:
+        self.runs += 1
+        try:
+            results = await self._run([item for item, _ in batch])
+        except Exception as exc:
+            if split and len(batch) > 1:
+                for one in batch:
+                    await self._run_batch([one], split=False)
+                return
+            for _, done in batch:
+                if not done.done():  # a handler whose client went away is cancelled
+                    done.set_exception(exc)
+            return
+        for (_, done), result in zip(batch, results, strict=True):
+            if not done.done():
+                done.set_result(result)
