@@ -62,7 +62,7 @@ class HitlFlowPersistence(FlowPersistence):
             .where(FlowStateRow.flow_uuid == flow_uuid)
             .order_by(col(FlowStateRow.id).desc())
         )
-        with self.store.session() as session:
+        with self.store.reading() as session:
             row = session.exec(query.limit(1)).first()
         return dict(row.state) if row is not None and isinstance(row.state, dict) else None
 
@@ -88,7 +88,7 @@ class HitlFlowPersistence(FlowPersistence):
             .where(FeedbackRequest.flow_id == flow_uuid)
             .order_by(col(FeedbackRequest.created_at).desc())
         )
-        with self.store.session() as session:
+        with self.store.reading() as session:
             return session.exec(query.limit(1)).first()
 
 
