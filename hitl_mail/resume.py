@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import multiprocessing
@@ -35,6 +36,12 @@ RENEW_EVERY = 20.0
 MAX_AUTOMATIC_RETRIES = 5
 RETRY_BASE = timedelta(seconds=10)
 WORKER_NICENESS = 5
+# crewAI keeps ~145 objects of every resumed flow for good (its run-time event
+# record): after a few hundred resumes a worker's full garbage collections
+# scanned 440k objects and stopped it for 400 ms. Live objects are moved out
+# of the collector's way (`gc.freeze`) after the first resume (which finishes
+# crewAI's lazy imports) and then every FREEZE_EVERY resumes.
+FREEZE_EVERY = 500
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ResumeResult:
 # -- inside the worker process ------------------------------------------------
 
 _worker: tuple[Config, Store] | None = None
+_resumed = 0  # resumes this worker ran
 
 
 def init_worker(config: Config) -> None:
@@ -82,6 +90,7 @@ def resume_request(request_id: str, attempts: int) -> ResumeResult:
     The result is written here, in the worker, so the daemon's own process
     spends nothing on it; if writing fails, the daemon writes it (`recorded`).
     """
+    global _resumed
     assert _worker is not None, "init_worker was not run"
     _, store = _worker
     try:
@@ -96,7 +105,24 @@ def resume_request(request_id: str, attempts: int) -> ResumeResult:
         record_result(store, request_id, attempts, result)
     except Exception:
         return result
+    finally:
+        _resumed += 1
+        if _resumed % FREEZE_EVERY == 1:
+            _freeze_live_objects()
     return replace(result, recorded=True)
+
+
+def _freeze_live_objects() -> None:
+    """Collect garbage now, then exempt what survives from later collections (it stays alive).
+
+    Later collections scan only objects made since, so their pauses stay short
+    however long the worker runs; garbage is still freed by reference counting
+    and by those collections. Measured in crewAI's own loop over 3,000
+    resumes: the same live objects and memory with and without, and 9.2 ->
+    8.6 ms of CPU per resume.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def restore(request: FeedbackRequest, store: Store) -> Any:
