@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
 from hitl_mail import outcomes, systemd
@@ -25,6 +26,8 @@ from hitl_mail.store import Store
 from hitl_mail.timers import Timers
 
 log = logging.getLogger(__name__)
+
+STAGES_NICENESS = 2  # the daemon's own process, after the SMTP listener has started
 
 
 class App:
@@ -75,6 +78,11 @@ class App:
         config = self.config
         await asyncio.to_thread(self.store.migrate)
         self.smtp_port = await self.listener.start()
+        # Accepting mail comes first: an SMTP client waits on every 250, while
+        # answering, sending and resuming only have to keep up. The listener
+        # keeps its priority; this process (and the resume workers it starts
+        # next, lower still) yields the CPU to it under load.
+        os.nice(max(STAGES_NICENESS - os.nice(0), 0))
         self.resumer.warm_up()
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()

@@ -359,6 +359,40 @@ def test_when_the_smtp_listener_process_dies_serve_exits_1_so_the_service_manage
     assert "stopped" in log
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):  # a process that ended meanwhile
+            continue
+    return found
+
+
+def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume_workers(
+    setup: Setup,
+) -> None:
+    daemon = setup.start_daemon()
+    wait_until(lambda: "ready:" in setup.daemon_log(), 30, what="the ready log line")
+    found = re.search(r"listener process (\d+)", setup.daemon_log())
+    assert found is not None, setup.daemon_log()[-3000:]
+    listener = int(found.group(1))
+    base = os.nice(0)  # what the daemon was started with
+
+    def workers() -> list[int]:  # resume_workers = 2, each 5 below the stages once started
+        found = [c for c in children(daemon.pid) if niceness(c) == base + 7]
+        return found if len(found) == 2 else []
+
+    wait_until(workers, 60, what="two resume workers at niceness +7")
+    assert niceness(listener) == base
+    assert niceness(daemon.pid) == base + 2
+
+
 def test_a_signal_to_every_process_of_the_daemon_still_shuts_it_down_cleanly(
     setup: Setup,
 ) -> None:
