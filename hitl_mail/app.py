@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 STAGES_NICENESS = 2  # the daemon's own process, after the SMTP listener has started
 
 
+_lowered = False
+
+
+def _lower_priority_once() -> None:
+    """`STAGES_NICENESS` below the listener, once per process (an App may start again in it)."""
+    global _lowered
+    if not _lowered:
+        os.nice(STAGES_NICENESS)
+        _lowered = True
+
+
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -82,7 +93,7 @@ class App:
         # answering, sending and resuming only have to keep up. The listener
         # keeps its priority; this process (and the resume workers it starts
         # next, lower still) yields the CPU to it under load.
-        os.nice(max(STAGES_NICENESS - os.nice(0), 0))
+        _lower_priority_once()
         self.resumer.warm_up()
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()

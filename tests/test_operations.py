@@ -382,7 +382,7 @@ def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume
     found = re.search(r"listener process (\d+)", setup.daemon_log())
     assert found is not None, setup.daemon_log()[-3000:]
     listener = int(found.group(1))
-    base = os.nice(0)  # what the daemon was started with
+    base = niceness(listener)  # what serve was started with
 
     def workers() -> list[int]:  # resume_workers = 2, each 5 below the stages once started
         found = [c for c in children(daemon.pid) if niceness(c) == base + 7]
