@@ -288,7 +288,7 @@ class Store:
         """
         won: list[bool] = []
         rows: list[Any] = []
-        finished: list[dict[str, Any]] = []
+        finished: list[tuple[int, str, str | None]] = []
         with self.session() as session:
             for change in changes:
                 moved = advance(session, change.request_id, change.from_status, change.values)
@@ -296,20 +296,13 @@ class Store:
                 if moved:
                     rows.extend(change.also)
                     if change.finish_inbound is not None:
-                        inbound_id, result = change.finish_inbound
-                        finished.append(
-                            {
-                                "inbound_id": inbound_id,
-                                "outcome_of_reply": result,
-                                "rid": change.request_id,
-                            }
-                        )
+                        finished.append((*change.finish_inbound, change.request_id))
             if not any(won):
                 session.rollback()
                 return won
             insert_rows(session, rows)
             if finished:
-                session.connection().execute(_FINISH_INBOUND, finished)
+                _finish_inbound(session, finished)
             session.commit()
         return won
 
@@ -536,7 +529,7 @@ class Store:
         self, inbound_id: int, result: str, request_id: str | None, also: Sequence[Any] = ()
     ) -> None:
         with self.session() as session:
-            _finish_inbound(session, inbound_id, result, request_id)
+            _finish_inbound(session, [(inbound_id, result, request_id)])
             session.add_all(also)
             session.commit()
 
@@ -712,10 +705,9 @@ def insert_rows(session: Session, rows: Sequence[Any]) -> None:
         session.connection().execute(sa.insert(table), batch)
 
 
-_INBOUND = InboundMessage.__table__  # type: ignore[attr-defined]
 _FINISH_INBOUND = (
-    sa.update(_INBOUND)
-    .where(_INBOUND.c.id == sa.bindparam("inbound_id"))
+    sa.update(_inbound)
+    .where(_inbound.c.id == sa.bindparam("inbound_id"))
     .values(
         status=InboundStatus.DONE,
         result=sa.bindparam("outcome_of_reply"),
@@ -724,9 +716,14 @@ _FINISH_INBOUND = (
 )
 
 
-def _finish_inbound(session: Session, inbound_id: int, result: str, request_id: str | None) -> None:
+def _finish_inbound(session: Session, finished: Sequence[tuple[int, str, str | None]]) -> None:
+    """Mark stored replies done: (inbound id, result, request id) each, in one statement."""
     session.connection().execute(
-        _FINISH_INBOUND, {"inbound_id": inbound_id, "outcome_of_reply": result, "rid": request_id}
+        _FINISH_INBOUND,
+        [
+            {"inbound_id": inbound_id, "outcome_of_reply": result, "rid": request_id}
+            for inbound_id, result, request_id in finished
+        ],
     )
 
 
