@@ -343,15 +343,21 @@ def test_a_stage_that_fails_stops_serve_with_exit_1_so_the_service_manager_resta
     assert "stopped" in caplog.text
 
 
-def test_when_the_smtp_listener_process_dies_serve_exits_1_so_the_service_manager_restarts_it(
-    setup: Setup,
-) -> None:
+def start_with_listener(setup: Setup) -> tuple[subprocess.Popen[bytes], int]:
+    """`serve` started and ready, and the pid of its SMTP listener process (from the ready line)."""
     daemon = setup.start_daemon()
     wait_until(lambda: "ready:" in setup.daemon_log(), 30, what="the ready log line")
     found = re.search(r"listener process (\d+)", setup.daemon_log())
     assert found is not None, setup.daemon_log()[-3000:]
+    return daemon, int(found.group(1))
 
-    os.kill(int(found.group(1)), signal.SIGKILL)
+
+def test_when_the_smtp_listener_process_dies_serve_exits_1_so_the_service_manager_restarts_it(
+    setup: Setup,
+) -> None:
+    daemon, listener = start_with_listener(setup)
+
+    os.kill(listener, signal.SIGKILL)
 
     assert daemon.wait(timeout=SHUTDOWN_WITHIN) == 1
     log = setup.daemon_log()
@@ -377,11 +383,7 @@ def children(pid: int) -> list[int]:
 def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume_workers(
     setup: Setup,
 ) -> None:
-    daemon = setup.start_daemon()
-    wait_until(lambda: "ready:" in setup.daemon_log(), 30, what="the ready log line")
-    found = re.search(r"listener process (\d+)", setup.daemon_log())
-    assert found is not None, setup.daemon_log()[-3000:]
-    listener = int(found.group(1))
+    daemon, listener = start_with_listener(setup)
     base = niceness(listener)  # what serve was started with
 
     def workers() -> list[int]:  # resume_workers = 2, each 5 below the stages once started
