@@ -108,6 +108,7 @@ class DaemonSettings(_Section):
     old_secret_keys: tuple[str, ...] = ()
     poll_interval: Duration = timedelta(milliseconds=250)
     resume_workers: int = Field(default=2, ge=1, le=64)
+    resume_priority: Literal["idle", "low"] = "idle"
     shutdown_timeout: Duration = timedelta(seconds=15)
 
 

@@ -59,12 +59,24 @@ _worker: tuple[Config, Store] | None = None
 _resumed = 0  # resumes this worker ran
 
 
+def lower_priority(priority: str) -> None:
+    """Flow code yields the CPU: mail is accepted and answered first, resumes use what is left.
+
+    "idle" (Linux SCHED_IDLE) leaves the worker only CPU time nothing else
+    wants: during a burst of replies the SMTP listener keeps its pace and the
+    backlog is resumed once the burst is over (an idle machine is all theirs).
+    "low" is a niceness `WORKER_NICENESS` below the daemon's own stages.
+    """
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(WORKER_NICENESS if priority == "low" else 19)
+
+
 def init_worker(config: Config) -> None:
     """Worker start: import paths, the daemon's config for `MailProvider`, crewAI imported once."""
     global _worker
-    # Flow code yields the CPU to the daemon's own process: mail is accepted and
-    # answered first, resumes use what is left (an idle machine is all theirs).
-    os.nice(WORKER_NICENESS)
+    lower_priority(config.daemon.resume_priority)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("OTEL_SDK_DISABLED", "true")

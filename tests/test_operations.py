@@ -380,19 +380,29 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("priority", ["idle", "low"])
 def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume_workers(
-    setup: Setup,
+    setup: Setup, priority: str
 ) -> None:
+    text = setup.config.read_text()
+    setup.config.write_text(text.replace("[daemon]", f'[daemon]\nresume_priority = "{priority}"'))
     daemon, listener = start_with_listener(setup)
     base = niceness(listener)  # what serve was started with
 
-    def workers() -> list[int]:  # resume_workers = 2, each 5 below the stages once started
-        found = [c for c in children(daemon.pid) if niceness(c) == base + 7]
+    def lowered(pid: int) -> bool:
+        if priority == "idle":  # only CPU time nothing else wants
+            return os.sched_getscheduler(pid) == os.SCHED_IDLE
+        return niceness(pid) == base + 7  # 5 below the stages
+
+    def workers() -> list[int]:  # resume_workers = 2
+        found = [c for c in children(daemon.pid) if lowered(c)]
         return found if len(found) == 2 else []
 
-    wait_until(workers, 60, what="two resume workers at niceness +7")
+    wait_until(workers, 60, what=f"two resume workers at priority {priority!r}")
     assert niceness(listener) == base
+    assert os.sched_getscheduler(listener) == os.SCHED_OTHER
     assert niceness(daemon.pid) == base + 2
+    assert os.sched_getscheduler(daemon.pid) == os.SCHED_OTHER
 
 
 def test_a_signal_to_every_process_of_the_daemon_still_shuts_it_down_cleanly(
