@@ -167,7 +167,7 @@ class App:
 
     def _stored(self) -> None:
         self.metrics.reply_accepted()
-        self.answering.wakeup.set()
+        self.answering.stored()
 
     def _observe_send(self, kind: str, result: str) -> None:
         kind = kind.partition(":")[0]  # "error:expired" counts as an error email

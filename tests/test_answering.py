@@ -34,8 +34,9 @@ from llm_server import FakeLLMServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
+from hitl_mail import answering, intake, outcomes, tokens
 from hitl_mail import app as app_module
-from hitl_mail import intake, outcomes, tokens
+from hitl_mail.answering import Arrivals
 from hitl_mail.app import App
 from hitl_mail.config import Config, load_config
 from hitl_mail.models import (
@@ -646,3 +647,76 @@ async def test_a_malformed_message_is_stored_and_processed_and_the_listener_keep
     await answer(daemon, reply_to(notification, "Needs revision"))
     await daemon.event(request.id, "answered")
     assert daemon.store.get(request.id).outcome == "needs_revision"
+
+
+# -- a burst of replies ----------------------------------------------------------------------
+
+
+def test_a_flood_is_more_than_flood_rate_replies_a_second_over_the_last_window() -> None:
+    now = [100.0]
+    arrivals = Arrivals(clock=lambda: now[0])
+    limit = int(answering.FLOOD_RATE * answering.FLOOD_WINDOW)
+    for _ in range(limit):
+        arrivals.note()
+        now[0] += 0.001
+    assert not arrivals.flooding()  # at the rate, not over it
+    arrivals.note()
+    assert arrivals.flooding()
+    now[0] += answering.FLOOD_WINDOW
+    assert not arrivals.flooding()  # the burst has passed
+
+    steady = Arrivals(clock=lambda: now[0])
+    for _ in range(5 * limit):  # just under the rate, for ten windows
+        now[0] += 1 / (0.95 * answering.FLOOD_RATE)
+        steady.note()
+        assert not steady.flooding()
+
+
+async def paced_replies(daemon: Daemon, count: int, per_second: float) -> tuple[list[str], Any]:
+    """`count` pending requests answered one after another at `per_second`; the last 250's time."""
+    requests = [daemon.create() for _ in range(count)]
+    notifications = [
+        (await until(lambda r=r: daemon.sink.of("notification", r.id), "a notification"))[0]
+        for r in requests
+    ]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i, notification in enumerate(notifications):
+        await asyncio.sleep(max(0.0, start + i / per_second - loop.time()))
+        await answer(daemon, reply_to(notification, "approved"))
+    return [r.id for r in requests], utcnow()
+
+
+async def answered_before(daemon: Daemon, ids: list[str], moment: Any) -> int:
+    """How many of the requests were answered before `moment`, once all of them are answered."""
+
+    def all_answered() -> list[FeedbackRequest]:
+        found = [daemon.store.get(i) for i in ids]
+        return found if all(r.answered_at is not None for r in found) else []
+
+    found = await until(all_answered, f"{len(ids)} answers", timeout=30)
+    return sum(1 for r in found if r.answered_at < moment.replace(tzinfo=r.answered_at.tzinfo))
+
+
+async def test_while_replies_arrive_faster_than_the_flood_rate_answering_waits_for_them_to_pass(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(answering, "FLOOD_RATE", 8.0)  # a flood: over 4 in half a second
+
+    ids, last_250 = await paced_replies(daemon, 40, per_second=40)
+
+    # The first replies are answered as they come (four in a window is no flood
+    # yet, and a claimed batch is finished); the rest wait for the burst's end.
+    assert await answered_before(daemon, ids, last_250) <= 12
+
+
+async def test_answering_waits_for_a_flood_at_most_max_yield_at_a_time(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(answering, "FLOOD_RATE", 8.0)
+    monkeypatch.setattr(answering, "MAX_YIELD", 0.3)
+
+    ids, last_250 = await paced_replies(daemon, 60, per_second=40)
+
+    # 1.5-3 s of flood: answering took a batch after every 0.3 s of waiting.
+    assert await answered_before(daemon, ids, last_250) >= 30
