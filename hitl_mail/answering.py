@@ -48,7 +48,7 @@ TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
 # later costs no throughput, and the SMTP listener keeps the CPU and SQLite's
 # write lock to itself while a burst arrives.
 FLOOD_RATE = 200.0
-FLOOD_WINDOW = 0.5
+FLOOD_WINDOW = 0.25
 MAX_YIELD = 5.0
 
 
