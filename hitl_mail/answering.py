@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,7 +28,7 @@ from hitl_mail.outbound import queue_row
 from hitl_mail.outcomes import Decision, LLMSettings, decide
 from hitl_mail.replies import ParsedReply, parse_reply
 from hitl_mail.store import Store, Transition, audit_event
-from hitl_mail.waiting import Coalesce, idle
+from hitl_mail.waiting import Arrivals, Coalesce, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +40,6 @@ RENEW_EVERY = 5.0
 RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
 ERROR_MAIL_WINDOW = timedelta(days=1)
 TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
-# While replies are stored faster than FLOOD_RATE a second (over the last
-# FLOOD_WINDOW seconds), answering waits, at most MAX_YIELD seconds at a time:
-# above that rate the backlog grows whatever answering does, so answering
-# later costs no throughput, and the SMTP listener keeps the CPU and SQLite's
-# write lock to itself while a burst arrives.
-FLOOD_RATE = 200.0
-FLOOD_WINDOW = 0.25
-MAX_YIELD = 5.0
 
 
 class _Answer(NamedTuple):
@@ -91,28 +81,6 @@ def llm_settings(config: Config) -> LLMSettings:
     )
 
 
-class Arrivals:
-    """When the SMTP listener stored its latest replies: is a flood arriving?"""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._times: deque[float] = deque()
-
-    def note(self) -> None:
-        self._times.append(self.clock())
-        self._forget_old()
-
-    def flooding(self) -> bool:
-        """More than FLOOD_RATE replies a second stored over the last FLOOD_WINDOW."""
-        self._forget_old()
-        return len(self._times) > FLOOD_RATE * FLOOD_WINDOW
-
-    def _forget_old(self) -> None:
-        since = self.clock() - FLOOD_WINDOW
-        while self._times and self._times[0] < since:
-            self._times.popleft()
-
-
 class Answering:
     """The answering stage: claims stored replies and processes a few at a time."""
 
@@ -123,13 +91,14 @@ class Answering:
         on_processed: Callable[[], None],
         metrics: Metrics | None = None,
         concurrency: int = 8,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.on_processed = on_processed
         self.metrics = metrics or Metrics()
         self.wakeup = asyncio.Event()
-        self.arrivals = Arrivals()
+        self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # claimed and not yet finished: leases to renew
@@ -144,10 +113,14 @@ class Answering:
         try:
             while not stopping.is_set():
                 self.wakeup.clear()
-                await self._let_flood_pass(stopping)
+                waited = await let_flood_pass(self.arrivals, stopping, "answering")
                 rows = await asyncio.to_thread(self.store.claim_inbound, BATCH, LEASE)
                 self._held.update(row.id for row in rows if row.id is not None)
                 for row in rows:
+                    # A flood that starts during a batch holds the rest of it
+                    # (leased, renewed) until it has passed: once per batch.
+                    if not waited:
+                        waited = await let_flood_pass(self.arrivals, stopping, "answering")
                     await self._slots.acquire()
                     task = asyncio.create_task(self._process_released(row))
                     self._tasks.add(task)
@@ -162,28 +135,6 @@ class Answering:
                 )
         finally:
             renewing.cancel()
-
-    def stored(self) -> None:
-        """The SMTP listener stored a reply: answer it soon, or after the flood it is part of."""
-        self.arrivals.note()
-        self.wakeup.set()
-
-    async def _let_flood_pass(self, stopping: asyncio.Event) -> None:
-        """While a flood arrives, the CPU and the write lock are the listener's (MAX_YIELD at most)."""
-        if not self.arrivals.flooding():
-            return
-        log.info(
-            "replies arriving at over %d/s: answering waits for the burst to pass (%.0fs at most)",
-            FLOOD_RATE,
-            MAX_YIELD,
-        )
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        while self.arrivals.flooding() and loop.time() - began < MAX_YIELD:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), FLOOD_WINDOW / 5)
-                return
-        log.info("answering again after waiting %.1fs", loop.time() - began)
 
     async def _keep_leases(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from hitl_mail.outbound import Outbox
 from hitl_mail.resume import Resumer
 from hitl_mail.store import Store
 from hitl_mail.timers import Timers
+from hitl_mail.waiting import Arrivals
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,22 @@ class App:
         self.outbox = Outbox(
             self.store, config.outbound, config.daemon.poll_interval, observe=self._observe_send
         )
+        # Replies the SMTP listener stored lately: during a flood of them,
+        # answering and resuming wait and leave the CPU to the listener.
+        self.arrivals = Arrivals()
         self.resumer = Resumer(
-            config, self.store, on_paused_again=self.outbox.wakeup.set, observe=self._observe_resume
+            config,
+            self.store,
+            on_paused_again=self.outbox.wakeup.set,
+            observe=self._observe_resume,
+            arrivals=self.arrivals,
         )
         self.answering = Answering(
-            config, self.store, on_processed=self._reply_processed, metrics=self.metrics
+            config,
+            self.store,
+            on_processed=self._reply_processed,
+            metrics=self.metrics,
+            arrivals=self.arrivals,
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
         self.listener = ListenerProcess(
@@ -167,7 +179,8 @@ class App:
 
     def _stored(self) -> None:
         self.metrics.reply_accepted()
-        self.answering.stored()
+        self.arrivals.note()
+        self.answering.wakeup.set()
 
     def _observe_send(self, kind: str, result: str) -> None:
         kind = kind.partition(":")[0]  # "error:expired" counts as an error email

@@ -27,7 +27,7 @@ from typing import Any
 from hitl_mail.config import Config
 from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow
 from hitl_mail.store import Resumable, Store, audit_event
-from hitl_mail.waiting import idle
+from hitl_mail.waiting import Arrivals, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,17 @@ class Resumer:
     """The resume stage: claims answered requests and runs each in the worker pool."""
 
     def __init__(
-        self, config: Config, store: Store, on_paused_again: Any = None, observe: Any = None
+        self,
+        config: Config,
+        store: Store,
+        on_paused_again: Any = None,
+        observe: Any = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.wakeup = asyncio.Event()
+        self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.pool: Executor = worker_pool(config)
         self.on_paused_again = on_paused_again or (lambda: None)
         self.observe = observe or (lambda ok: None)
@@ -266,6 +272,7 @@ class Resumer:
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             self.wakeup.clear()
+            await let_flood_pass(self.arrivals, stopping, "resuming")
             free = self._free_slots()
             rows = await asyncio.to_thread(self.store.claim_resumable, free, LEASE) if free else []
             for row in rows:

@@ -1,15 +1,33 @@
-"""How stages wait: idling until woken, and sharing one batch with the calls that arrive together.
+"""How stages wait: idling until woken, giving way to a flood of replies, sharing one batch.
 
 `idle`: until the stage is woken (new work), told to stop, or its poll
-interval passes. `Coalesce`: concurrent calls of one operation go to the
-database together, so under load one statement and one commit serve many.
+interval passes. `let_flood_pass`: while the SMTP listener stores replies
+faster than the daemon could process them, answering and resuming wait.
+`Coalesce`: concurrent calls of one operation go to the database together,
+so under load one statement and one commit serve many.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+# While replies are stored faster than FLOOD_RATE a second (over the last
+# FLOOD_WINDOW seconds), answering and resuming wait, at most MAX_YIELD seconds
+# at a time: above that rate the backlog grows whatever they do (the daemon
+# answers and resumes about 100 a second on two cores), so working later costs
+# no throughput, and the SMTP listener keeps the CPU and SQLite's write lock
+# to itself while a burst arrives. The backlog is worked through after it.
+FLOOD_RATE = 200.0
+FLOOD_WINDOW = 0.25
+MAX_YIELD = 5.0
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -22,6 +40,51 @@ async def idle(wakeup: asyncio.Event, stopping: asyncio.Event, timeout: float) -
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+class Arrivals:
+    """When the SMTP listener stored its latest replies: is a flood arriving?"""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._times: deque[float] = deque()
+
+    def note(self) -> None:
+        self._times.append(self.clock())
+        self._forget_old()
+
+    def flooding(self) -> bool:
+        """More than FLOOD_RATE replies a second stored over the last FLOOD_WINDOW."""
+        self._forget_old()
+        return len(self._times) > FLOOD_RATE * FLOOD_WINDOW
+
+    def _forget_old(self) -> None:
+        since = self.clock() - FLOOD_WINDOW
+        while self._times and self._times[0] < since:
+            self._times.popleft()
+
+
+async def let_flood_pass(arrivals: Arrivals, stopping: asyncio.Event, stage: str) -> bool:
+    """While a flood arrives, the CPU and the write lock are the listener's (MAX_YIELD at most).
+
+    True when it waited.
+    """
+    if not arrivals.flooding():
+        return False
+    log.info(
+        "replies arriving at over %d/s: %s waits for the burst to pass (%.0fs at most)",
+        FLOOD_RATE,
+        stage,
+        MAX_YIELD,
+    )
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while arrivals.flooding() and loop.time() - began < MAX_YIELD:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), FLOOD_WINDOW / 5)
+            return True
+    log.info("%s again after waiting %.1fs", stage, loop.time() - began)
+    return True
 
 
 class Coalesce(Generic[K, V]):

@@ -34,9 +34,8 @@ from llm_server import FakeLLMServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
-from hitl_mail import answering, intake, outcomes, tokens
 from hitl_mail import app as app_module
-from hitl_mail.answering import Arrivals
+from hitl_mail import intake, outcomes, tokens, waiting
 from hitl_mail.app import App
 from hitl_mail.config import Config, load_config
 from hitl_mail.models import (
@@ -47,7 +46,9 @@ from hitl_mail.models import (
     OutboxStatus,
     utcnow,
 )
+from hitl_mail.resume import Resumer
 from hitl_mail.store import Store
+from hitl_mail.waiting import Arrivals
 
 T = TypeVar("T")
 
@@ -655,19 +656,19 @@ async def test_a_malformed_message_is_stored_and_processed_and_the_listener_keep
 def test_a_flood_is_more_than_flood_rate_replies_a_second_over_the_last_window() -> None:
     now = [100.0]
     arrivals = Arrivals(clock=lambda: now[0])
-    limit = int(answering.FLOOD_RATE * answering.FLOOD_WINDOW)
+    limit = int(waiting.FLOOD_RATE * waiting.FLOOD_WINDOW)
     for _ in range(limit):
         arrivals.note()
         now[0] += 0.001
     assert not arrivals.flooding()  # at the rate, not over it
     arrivals.note()
     assert arrivals.flooding()
-    now[0] += answering.FLOOD_WINDOW
+    now[0] += waiting.FLOOD_WINDOW
     assert not arrivals.flooding()  # the burst has passed
 
     steady = Arrivals(clock=lambda: now[0])
     for _ in range(5 * limit):  # just under the rate, for ten windows
-        now[0] += 1 / (0.95 * answering.FLOOD_RATE)
+        now[0] += 1 / (0.95 * waiting.FLOOD_RATE)
         steady.note()
         assert not steady.flooding()
 
@@ -701,7 +702,7 @@ async def answered_before(daemon: Daemon, ids: list[str], moment: Any) -> int:
 async def test_while_replies_arrive_faster_than_the_flood_rate_answering_waits_for_them_to_pass(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(answering, "FLOOD_RATE", 8.0)  # a flood: over 4 in half a second
+    monkeypatch.setattr(waiting, "FLOOD_RATE", 8.0)  # a flood: over 4 in half a second
 
     ids, last_250 = await paced_replies(daemon, 40, per_second=40)
 
@@ -713,10 +714,65 @@ async def test_while_replies_arrive_faster_than_the_flood_rate_answering_waits_f
 async def test_answering_waits_for_a_flood_at_most_max_yield_at_a_time(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(answering, "FLOOD_RATE", 8.0)
-    monkeypatch.setattr(answering, "MAX_YIELD", 0.3)
+    monkeypatch.setattr(waiting, "FLOOD_RATE", 8.0)
+    monkeypatch.setattr(waiting, "MAX_YIELD", 0.3)
 
     ids, last_250 = await paced_replies(daemon, 60, per_second=40)
 
     # 1.5-3 s of flood: answering took a batch after every 0.3 s of waiting.
     assert await answered_before(daemon, ids, last_250) >= 30
+
+
+class ResumeClaimed(Resumer):
+    """The real resume stage's loop; what it claims is noted with the time, not run."""
+
+    def warm_up(self) -> None:
+        return None
+
+    async def _resume(self, request: Any) -> None:
+        self.claimed.append((request.id, asyncio.get_running_loop().time()))
+
+    claimed: list[tuple[str, float]]
+
+
+async def test_resuming_waits_while_a_flood_of_replies_arrives(config: Config) -> None:
+    store = Store(config.daemon.database_url)
+    store.migrate()
+    store.add(
+        FeedbackRequest(
+            id="r1",
+            status="answered",
+            flow_id="f1",
+            flow_class="review_flows.ReviewFlow",
+            method_name="review",
+            created_at=utcnow(),
+            answered_at=utcnow(),
+        )
+    )
+    arrivals = Arrivals()
+    resumer = ResumeClaimed(config, store, arrivals=arrivals)
+    resumer.claimed = []
+    loop = asyncio.get_running_loop()
+
+    async def flood(seconds: float) -> None:  # about 2,000 replies a second
+        until_ = loop.time() + seconds
+        while loop.time() < until_:
+            for _ in range(4):
+                arrivals.note()
+            await asyncio.sleep(0.002)
+
+    flooding = asyncio.create_task(flood(0.8))
+    await until(arrivals.flooding, "a flood")
+    stopping = asyncio.Event()
+    began = loop.time()
+    running = asyncio.create_task(resumer.run(stopping))
+    try:
+        await flooding
+        [(request_id, claimed_at)] = await until(lambda: resumer.claimed, "the claim")
+    finally:
+        stopping.set()
+        await running
+        await resumer.drain(1.0)
+        store.close()
+    assert request_id == "r1"
+    assert claimed_at - began >= 0.7  # only once the flood had passed
