@@ -389,6 +389,11 @@ def process_cpu(pid: int) -> float:
 def children_cpu(pid: int) -> float:
     """CPU seconds of the live descendants of `pid`: the daemon's resume workers, and its
     SMTP listener (a child of the daemon's fork server)."""
+    return sum(descendants_cpu(pid).values())
+
+
+def descendants_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each live descendant of `pid`, by pid."""
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -399,14 +404,14 @@ def children_cpu(pid: int) -> float:
         child = int(stat.parent.name)
         parent[child] = int(fields[1])
         cpu[child] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    found: dict[int, float] = {}
     for child, seconds in cpu.items():
         ancestor = parent.get(child, 0)
         while ancestor > 1 and ancestor != pid:
             ancestor = parent.get(ancestor, 0)
         if ancestor == pid:
-            total += seconds
-    return total
+            found[child] = seconds
+    return found
 
 
 def run_json(args: list[str], *, timeout: float, log: Path | None = None) -> Any:

@@ -4,7 +4,9 @@ One run on SQLite, in this order:
 
 1. the ceiling: crewAI's own restore-and-resume of `TrivialFlow` (ceiling.py),
    alone on the machine, with the daemon's parallelism (`resume_workers`);
-2. `hitl-mail serve` as a real process, with the relay sink and the fake LLM
+2. the edge alone (no daemon behind it) taking a burst of the same size
+   and shape: the SMTP speed step 5's burst is held to;
+   `hitl-mail serve` as a real process, with the relay sink and the fake LLM
    server in processes of their own, and requests cloned from the flow the
    ceiling paused (same class, same stored state and pending context);
 3. a warm-up (each resume worker's first flow imports lancedb), then item 5's
@@ -34,6 +36,7 @@ from bench.common import (
     Seeded,
     child_env,
     children_cpu,
+    descendants_cpu,
     free_port,
     loadgen,
     percentile,
@@ -196,6 +199,20 @@ class Daemon:
                 counts[f"{event} {request_id}"] = counts.get(f"{event} {request_id}", 0) + 1
         return counts
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of `serve` itself, its SMTP listener, and its resume workers."""
+        import re
+
+        assert self.proc is not None
+        found = re.search(r"listener process (\d+)", (self.work / "daemon.log").read_text())
+        listener = int(found.group(1)) if found else -1
+        others = descendants_cpu(self.proc.proc.pid)
+        return {
+            "daemon": self.proc.cpu_seconds(),
+            "listener": others.pop(listener, 0.0),
+            "workers": sum(others.values()),  # and the fork server, idle
+        }
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
@@ -226,7 +243,7 @@ def latencies(
 
 def run(work: Path, *, quick: bool) -> dict[str, Any]:
     url = f"sqlite:///{work / 'daemon.db'}"
-    sizes = {
+    sizes: dict[str, Any] = {
         "ceiling": 150 if quick else 400,
         "warmup": 12,
         "mixed": 10 if quick else 30,
@@ -290,6 +307,10 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
             seeded(sizes["burst"]),
             seeded(sizes["probe"]),
         )
+        # 2b. the SMTP speed the burst is held to: the edge alone (no daemon
+        # behind it) taking a burst of the same size and shape, on its own database
+        out["edge_alone"] = edge_alone_burst(work, sizes["burst"])
+
         daemon.start()
         port = daemon.smtp_port
 
@@ -346,10 +367,14 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
         # 5. the burst, a probe while it drains, then the count
         assert daemon.proc is not None
         cpu_main, cpu_workers = daemon.proc.cpu_seconds(), children_cpu(daemon.proc.proc.pid)
-        burst_started = time.time()
+        burst_started, cpu_before = time.time(), daemon.cpu_by_role()
         burst_run = loadgen(
             replies_job(port, burst, ["approved"], max_seconds=300.0), work, "burst", timeout=400
         )
+        cpu_burst = {
+            role: 1000 * (seconds - cpu_before[role]) / max(burst_run["ok"], 1)
+            for role, seconds in daemon.cpu_by_role().items()
+        }
         backlog_after_burst = daemon.inbound_backlog()
         probe = loadgen(replies_job(port, drain_probe, ["approved"]), work, "probe-draining")
         backlog_after_probe = daemon.inbound_backlog()
@@ -375,12 +400,32 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
             "drain_seconds": resumed_times[-1] - burst_started,
             "drained_rate": len(resumed_times) / (resumed_times[-1] - burst_started),
             "inbound_left": daemon.inbound_backlog(),
+            "cpu_ms_per_reply_during_burst": cpu_burst,
             "daemon_cpu_ms_per_reply": 1000 * cpu_main / len(ids),
             "workers_cpu_ms_per_reply": 1000 * cpu_workers / len(ids),
         }
     finally:
         daemon.stop()
     return out
+
+
+def edge_alone_burst(work: Path, count: int) -> dict[str, Any]:
+    """`count` replies to hitl-mail's SMTP edge alone (bench.servers edge), 8 clients, as the burst."""
+    url = f"sqlite:///{work / 'edge-alone.db'}"
+    seeded = seed_requests(url, count)
+    config = write_config(work / "edge-alone.toml", database_url=url, smtp_port=0, relay_port=9)
+    edge = Child([PYTHON, "-m", "bench.servers", "edge", str(config)], work / "edge-alone.log")
+    try:
+        port = edge.wait_port()
+        run = loadgen(
+            replies_job(port, seeded, ["approved"], max_seconds=300.0),
+            work,
+            "burst-edge-alone",
+            timeout=400,
+        )
+    finally:
+        edge.stop()
+    return _accept_figures(run)
 
 
 def _accept_figures(result: dict[str, Any]) -> dict[str, Any]:

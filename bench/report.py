@@ -94,16 +94,23 @@ def goals(items: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 and draining["p99_ms"] <= 1.5 * idle["p99_ms"],
             )
         )
-        if "1" in items:
-            edge = next(
+        alone = r.get("edge_alone")
+        if alone is not None:  # the same burst to the edge alone, in the same run
+            edge_rate, against = alone["rate"], "the edge alone taking the same burst"
+        elif "1" in items:  # results written before that measurement existed
+            edge_rate = next(
                 m for m in items["1"]["servers"]["hitl-mail edge, sqlite"] if m["clients"] == 8
-            )
-            ratio = _ratio(burst["accept_rate"], edge["rate"])
+            )["rate"]
+            against = "the edge alone (item 1, SQLite, 8 clients)"
+        else:
+            edge_rate = None
+        if edge_rate is not None:
+            ratio = _ratio(burst["accept_rate"], edge_rate)
             rows.append(
                 (
                     "2. burst accepted at SMTP speed",
-                    "as fast as the edge alone (item 1, SQLite, 8 clients)",
-                    f"{_n(burst['accept_rate'])} vs {_n(edge['rate'])} msg/s = {_pct(ratio)}",
+                    f"as fast as {against}, within the 20 % these figures move between runs",
+                    f"{_n(burst['accept_rate'])} vs {_n(edge_rate)} msg/s = {_pct(ratio)}",
                     ratio >= 0.8,
                 )
             )
@@ -189,11 +196,27 @@ def section_resume(r: dict[str, Any]) -> list[str]:
         f"| 250 → resumed, steady | p50 {_n(s['p50_ms'])} ms, p99 {_n(s['p99_ms'])} ms, max {_n(s['max_ms'])} ms |",
         f"| burst sent | {b['count']:,} replies, 8 clients: {b['accepted']:,} accepted at {_n(b['accept_rate'])}/s "
         f"(p50 {_n(b['accept_p50_ms'], 1)} ms, p99 {_n(b['accept_p99_ms'], 1)} ms), {b['errors']} errors |",
+        *(
+            [
+                f"| the same burst to the edge alone | {a['sent']:,} replies, 8 clients, no daemon behind it: "
+                f"{_n(a['rate'])}/s (p50 {_n(a['p50_ms'], 1)} ms, p99 {_n(a['p99_ms'], 1)} ms), {a['errors']} errors |"
+            ]
+            if (a := r.get("edge_alone"))
+            else []
+        ),
         f"| backlog when the burst ended | {b['backlog_after_burst']:,} stored replies not yet answered |",
         f"| drained | {b['resumed']:,} resumed, {b['failed']} failed, in {_n(b['drain_seconds'], 1)} s "
         f"from the first reply of the burst: **{_n(b['drained_rate'], 1)}/s** "
         f"({_pct(_ratio(b['drained_rate'], c['rate']))} of the ceiling) |",
         f"| none lost | {b['confirmations']:,} confirmations at the sink, {b['inbound_left']} stored replies left |",
+        *(
+            [
+                f"| CPU per reply during the burst only | SMTP listener {_n(c_b['listener'], 2)} ms, "
+                f"daemon process {_n(c_b['daemon'], 2)} ms, resume workers {_n(c_b['workers'], 2)} ms |"
+            ]
+            if (c_b := b.get("cpu_ms_per_reply_during_burst"))
+            else []
+        ),
         f"| CPU per reply during burst + drain | daemon process {_n(b.get('daemon_cpu_ms_per_reply'), 1)} ms "
         f"(answering, sending, recording), its SMTP listener and resume workers {_n(b.get('workers_cpu_ms_per_reply'), 1)} ms |",
         f"| 250s, idle daemon | {idle['sent']} replies, 8 clients: {_n(idle['rate'])}/s, p50 {_n(idle['p50_ms'], 1)} ms, p99 {_n(idle['p99_ms'], 1)} ms |",
