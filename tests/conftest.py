@@ -37,6 +37,7 @@ sys.path.insert(0, str(TESTS))
 from llm_server import FakeLLMServer  # noqa: E402
 
 from hitl_mail import outcomes  # noqa: E402
+from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow  # noqa: E402
 from hitl_mail.resume import Resumer  # noqa: E402
 from hitl_mail.store import Store  # noqa: E402
 
@@ -357,6 +358,23 @@ def setup(
 
 
 # -- in-process requests ----------------------------------------------------------------
+
+
+def add_request(
+    store: Store, request_id: str, status: str = RequestStatus.PENDING, **values: Any
+) -> None:
+    """A bare request row (no notification, no flow state) for tests of the store and stages."""
+    store.add(
+        FeedbackRequest(
+            id=request_id,
+            status=status,
+            flow_id=f"flow-{request_id}",
+            flow_class="review_flows.ReviewFlow",
+            method_name="review",
+            created_at=utcnow(),
+            **values,
+        )
+    )
 
 
 def request_context(**changes: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from conftest import (
     BACKEND,
     MailSink,
     ResumeParked,
+    add_request,
     free_port,
     reply_to,
     request_context,
@@ -44,6 +45,7 @@ from hitl_mail.models import (
     InboundMessage,
     OutboxMessage,
     OutboxStatus,
+    RequestStatus,
     utcnow,
 )
 from hitl_mail.resume import Resumer
@@ -702,12 +704,12 @@ async def answered_before(daemon: Daemon, ids: list[str], moment: Any) -> int:
 async def test_while_replies_arrive_faster_than_the_flood_rate_answering_waits_for_them_to_pass(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(waiting, "FLOOD_RATE", 8.0)  # a flood: over 4 in half a second
+    monkeypatch.setattr(waiting, "FLOOD_RATE", 8.0)  # a flood: over 2 in a quarter second
 
     ids, last_250 = await paced_replies(daemon, 40, per_second=40)
 
-    # The first replies are answered as they come (four in a window is no flood
-    # yet, and a claimed batch is finished); the rest wait for the burst's end.
+    # The first replies are answered as they come (two in a window is no flood
+    # yet); the rest wait for the burst's end.
     assert await answered_before(daemon, ids, last_250) <= 12
 
 
@@ -726,32 +728,23 @@ async def test_answering_waits_for_a_flood_at_most_max_yield_at_a_time(
 class ResumeClaimed(Resumer):
     """The real resume stage's loop; what it claims is noted with the time, not run."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.claimed: list[tuple[str, float]] = []
+
     def warm_up(self) -> None:
         return None
 
     async def _resume(self, request: Any) -> None:
         self.claimed.append((request.id, asyncio.get_running_loop().time()))
 
-    claimed: list[tuple[str, float]]
-
 
 async def test_resuming_waits_while_a_flood_of_replies_arrives(config: Config) -> None:
     store = Store(config.daemon.database_url)
     store.migrate()
-    store.add(
-        FeedbackRequest(
-            id="r1",
-            status="answered",
-            flow_id="f1",
-            flow_class="review_flows.ReviewFlow",
-            method_name="review",
-            created_at=utcnow(),
-            answered_at=utcnow(),
-        )
-    )
+    add_request(store, "r1", RequestStatus.ANSWERED, answered_at=utcnow())
     arrivals = Arrivals()
     resumer = ResumeClaimed(config, store, arrivals=arrivals)
-    resumer.claimed = []
     loop = asyncio.get_running_loop()
 
     async def flood(seconds: float) -> None:  # about 2,000 replies a second

@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, add_request
 from sqlmodel import select
 
 from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
-from hitl_mail.models import FeedbackRequest, InboundMessage, InboundStatus, RequestStatus, utcnow
+from hitl_mail.models import InboundMessage, InboundStatus, utcnow
 from hitl_mail.store import Store
 
 
@@ -25,20 +25,6 @@ async def edge(request: pytest.FixtureRequest, store: Store) -> AsyncIterator[Ed
     chosen = edge_store(store) if request.param == "native" else PooledEdge(store)
     yield chosen
     await chosen.close()
-
-
-def add_request(store: Store, request_id: str, assigned_to: str | None) -> None:
-    store.add(
-        FeedbackRequest(
-            id=request_id,
-            status=RequestStatus.PENDING,
-            flow_id="f1",
-            flow_class="review_flows.ReviewFlow",
-            method_name="review",
-            assigned_to=assigned_to,
-            created_at=utcnow(),
-        )
-    )
 
 
 def stored_rows(store: Store) -> list[InboundMessage]:
@@ -54,8 +40,8 @@ def test_the_daemon_s_own_databases_get_an_edge_of_their_own(store: Store) -> No
 async def test_the_read_answers_the_assignee_and_nothing_for_an_unknown_request(
     edge: EdgeStore, store: Store
 ) -> None:
-    add_request(store, "r1", "owner@example.com")
-    add_request(store, "r2", None)
+    add_request(store, "r1", assigned_to="owner@example.com")
+    add_request(store, "r2")
     assert await edge.assignee("r1") == "owner@example.com"
     assert await edge.assignee("r2") is None
     assert await edge.assignee("nosuchrequest") is None
@@ -63,7 +49,7 @@ async def test_the_read_answers_the_assignee_and_nothing_for_an_unknown_request(
 
 async def test_reads_made_at_once_each_get_their_own_answer(edge: EdgeStore, store: Store) -> None:
     for n in range(10):
-        add_request(store, f"r{n}", f"person{n}@example.com")
+        add_request(store, f"r{n}", assigned_to=f"person{n}@example.com")
     ids = [f"r{n % 12}" for n in range(60)]  # r10 and r11 do not exist
     answers = await asyncio.gather(*(edge.assignee(i) for i in ids))
     assert answers == [f"person{i[1:]}@example.com" if int(i[1:]) < 10 else None for i in ids]

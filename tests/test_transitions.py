@@ -5,24 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from conftest import add_request
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from hitl_mail.models import AuditEvent, FeedbackRequest, InboundMessage, RequestStatus, utcnow
+from hitl_mail.models import AuditEvent, InboundMessage, RequestStatus, utcnow
 from hitl_mail.store import Store, Transition, audit_event
-
-
-def add_request(store: Store, request_id: str, status: str) -> None:
-    store.add(
-        FeedbackRequest(
-            id=request_id,
-            status=status,
-            flow_id=f"flow-{request_id}",
-            flow_class="review_flows.ReviewFlow",
-            method_name="review",
-            created_at=utcnow(),
-        )
-    )
 
 
 def stored_reply(store: Store, key: str) -> int:
