@@ -136,6 +136,7 @@ class ParsedReply:
     machine_reason: str | None
     text: str
     first_line: str
+    malformed: str | None = None  # why the message cannot be read safely, if it cannot
 
 
 def parse_reply(
