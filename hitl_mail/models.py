@@ -79,7 +79,8 @@ class FeedbackRequest(SQLModel, table=True):
     assigned_to: str | None = Field(default=None, max_length=320)
     routing_rule: str | None = None
     token: str | None = Field(default=None, max_length=64)
-    notification_id: str | None = Field(default=None, max_length=400)
+    # Replies that lost their token find the request through their thread (answering.py).
+    notification_id: str | None = Field(default=None, max_length=400, index=True)
     created_at: datetime = _at(nullable=False)
     deadline: datetime | None = _at(index=True)
     auto_outcome: str | None = None
