@@ -109,9 +109,10 @@ class SqliteEdge:
     READ = "SELECT assigned_to FROM requests WHERE id = ?"
     WRITE = (
         "INSERT INTO inbound (dedupe_key, envelope_from, recipients, raw, received_at, status,"
-        " attempts) VALUES {rows} ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
+        " request_id, attempts) VALUES {rows}"
+        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
     )
-    MAX_BATCH = 100  # 6 parameters a row, under SQLite's oldest limit of 999
+    MAX_BATCH = 100  # 7 parameters a row, under SQLite's oldest limit of 999
 
     def __init__(self, store: Store, path: str) -> None:
         self.path = path
@@ -147,9 +148,10 @@ class SqliteEdge:
         conn = self._writer
         received_at, status = self._encode_time(utcnow()), InboundStatus.NEW
         params: list[Any] = []
-        for key, sender, recipients, raw in items:
-            params += (key, sender, self._encode_recipients(recipients), raw, received_at, status)
-        query = self.WRITE.format(rows=",".join(["(?,?,?,?,?,?,0)"] * len(items)))
+        for key, sender, recipients, raw, request_id in items:
+            recipients_json = self._encode_recipients(recipients)
+            params += (key, sender, recipients_json, raw, received_at, status, request_id)
+        query = self.WRITE.format(rows=",".join(["(?,?,?,?,?,?,?,0)"] * len(items)))
         wait_for_write_lock(conn)
         try:
             inserted = {row[0] for row in conn.execute(query, params)}
@@ -174,9 +176,11 @@ class PsycopgEdge:
     READ = "SELECT id, assigned_to FROM requests WHERE id = ANY(%s)"
     # One statement, so one round trip and (autocommit) one transaction for a whole batch.
     WRITE = (
-        "INSERT INTO inbound (dedupe_key, envelope_from, recipients, raw, received_at, status, attempts)"
-        " SELECT k, f, r::json, b, %s, %s, 0"
-        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[]) AS t(k, f, r, b)"
+        "INSERT INTO inbound"
+        " (dedupe_key, envelope_from, recipients, raw, request_id, received_at, status, attempts)"
+        " SELECT k, f, r::json, b, q, %s, %s, 0"
+        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[])"
+        " AS t(k, f, r, b, q)"
         " ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
     )
 
@@ -195,7 +199,7 @@ class PsycopgEdge:
         return [None if found.get(i) is None else str(found[i]) for i in request_ids]
 
     async def _write(self, items: list[InboundItem]) -> list[bool]:
-        keys, senders, recipients, raws = zip(*items, strict=True)
+        keys, senders, recipients, raws, request_ids = zip(*items, strict=True)
         params = (
             utcnow(),
             InboundStatus.NEW,
@@ -203,6 +207,7 @@ class PsycopgEdge:
             list(senders),
             [json.dumps(r) for r in recipients],
             list(raws),
+            list(request_ids),
         )
         inserted = {row[0] for row in await self._execute("write", self.WRITE, params)}
         return stored_flags(keys, inserted)

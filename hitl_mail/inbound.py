@@ -13,6 +13,7 @@ outbound mail happen inside the SMTP transaction (see answering.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -26,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hitl_mail import tokens
 from hitl_mail.config import InboundSettings
 from hitl_mail.edgestore import edge_store
-from hitl_mail.store import Store
+from hitl_mail.store import InboundItem, Store
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ class ReplyHandler:
         # A NUL from a broken client would make PostgreSQL refuse the row on every retry.
         sender = (envelope.mail_from or "").replace("\x00", "")
         recipients = [r.replace("\x00", "") for r in envelope.rcpt_tos]
+        item = InboundItem(dedupe_key(raw), sender, recipients, raw, self._request_of(recipients))
         try:
-            stored = await self.db.store((dedupe_key(raw), sender, recipients, raw))
+            stored = await self.db.store(item)
         except Exception:
             log.exception("could not store a reply from %s; answered 451", sender)
             return TRY_LATER
@@ -130,6 +132,15 @@ class ReplyHandler:
         else:
             log.info("duplicate delivery from %s ignored", sender)
         return QUEUED
+
+    def _request_of(self, recipients: list[str]) -> str | None:
+        """The request the first tokened recipient names (RCPT checked its signature)."""
+        for recipient in recipients:
+            with contextlib.suppress(tokens.BadToken):
+                token = self.addressing.token_in(recipient)
+                if token is not None:
+                    return tokens.read(token).request_id
+        return None
 
     async def _signed_by_us(self, token: str) -> bool:
         """The token names a request of ours and is signed for its current assignee.

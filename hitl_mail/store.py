@@ -13,7 +13,7 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,7 +40,16 @@ from hitl_mail.models import (
 
 log = logging.getLogger(__name__)
 
-InboundItem = tuple[str, str, list[str], bytes]  # dedupe key, envelope sender, recipients, raw
+
+class InboundItem(NamedTuple):
+    """A received message as the SMTP edge stores it."""
+
+    dedupe_key: str
+    envelope_from: str
+    recipients: list[str]
+    raw: bytes
+    request_id: str | None = None  # from the recipient's token: claims take turns per request
+
 
 _MIGRATION_LOCK = 7_437_001  # pg_advisory_lock key: one migrator at a time
 _BUSY_TIMEOUT_MS = 30_000  # how long an SQLite statement waits for a lock before failing
@@ -475,17 +484,23 @@ class Store:
     # -- inbound --------------------------------------------------------------
 
     def store_inbound(
-        self, dedupe_key: str, envelope_from: str, recipients: list[str], raw: bytes
+        self,
+        dedupe_key: str,
+        envelope_from: str,
+        recipients: list[str],
+        raw: bytes,
+        request_id: str | None = None,
     ) -> bool:
         """Durably store a received message; False when the same message is already stored."""
-        return self.store_inbound_many([(dedupe_key, envelope_from, recipients, raw)])[0]
+        item = InboundItem(dedupe_key, envelope_from, recipients, raw, request_id)
+        return self.store_inbound_many([item])[0]
 
     def store_inbound_many(self, messages: Sequence[InboundItem]) -> list[bool]:
         """Store several received messages with ONE statement and ONE commit.
 
-        Each item is (dedupe key, envelope sender, recipients, raw bytes); the
-        result says, per item, whether it was stored (False: a message with
-        that key is already stored, or came earlier in the same batch). Either
+        Each item is an `InboundItem`; the result says, per item, whether it
+        was stored (False: a message with that key is already stored, or came
+        earlier in the same batch). Either
         every message is committed or, on an exception, none is. The INSERT
         skips duplicate keys and RETURNs the keys it stored (SQLite ≥ 3.35).
         The rows go as executemany parameters, which SQLAlchemy sends as one
@@ -504,15 +519,26 @@ class Store:
                 "received_at": now,
                 "status": InboundStatus.NEW,
                 "attempts": 0,
+                "request_id": request_id,
             }
-            for key, envelope_from, recipients, raw in messages
+            for key, envelope_from, recipients, raw, request_id in messages
         ]
         with self.engine.begin() as conn:
             inserted = set(conn.execute(self._store_inbound, rows).scalars())
         return stored_flags([key for key, *_ in messages], inserted)
 
-    def claim_inbound(self, limit: int, lease: timedelta) -> list[InboundMessage]:
-        return self._claim(InboundMessage, _UNANSWERED, utcnow(), limit, lease)
+    def claim_inbound(
+        self, limit: int, lease: timedelta, busy: Collection[str] = ()
+    ) -> list[InboundMessage]:
+        """Lease stored replies to process, taking turns per request: the oldest of each first.
+
+        At most one reply per request (per envelope sender for replies that
+        name none) in one claim, and none for the requests in `busy` (their
+        replies already in hand): a flood of replies to some requests waits
+        its turn behind one reply to each other request, never in front of it.
+        """
+        params = {"busy": list(busy)}
+        return self._claim(InboundMessage, _UNANSWERED, utcnow(), limit, lease, params=params)
 
     def renew_inbound_leases(self, inbound_ids: Sequence[int], lease: timedelta) -> None:
         """Extend the leases of stored replies this daemon is still working on."""
@@ -543,10 +569,12 @@ class Store:
         limit: int,
         lease: timedelta,
         columns: tuple[Any, ...] | None = None,
+        params: dict[str, Any] | None = None,
     ) -> list[Any]:
         """Lease the candidate rows whose lease is free, in one conditional update; return those won.
 
-        `candidates` selects ids with the bound parameters `now` and `limit`.
+        `candidates` selects ids with the bound parameters `now` and `limit`
+        (and `params`).
         The update's RETURNING names exactly the rows this caller leased: a
         row another daemon leased in between fails the condition and is not
         returned. With `columns`, those columns of the won rows come back as
@@ -555,7 +583,8 @@ class Store:
         them at every claim cost more than running them.
         """
         with self.session() as session:
-            ids = list(session.execute(candidates, {"now": now, "limit": limit}).scalars())
+            bound = {"now": now, "limit": limit, **(params or {})}
+            ids = list(session.execute(candidates, bound).scalars())
             if not ids:
                 session.rollback()
                 return []
@@ -629,7 +658,37 @@ _SENDABLE = _candidates(
 _SENDING_COLUMNS = tuple(getattr(_outbox.c, name) for name in Sending._fields)
 
 _inbound = InboundMessage.__table__  # type: ignore[attr-defined]
-_UNANSWERED = _candidates(_inbound, InboundStatus.NEW, [_inbound.c.id])
+# Turns are counted among the oldest FAIR_WINDOW waiting replies: the ranking
+# sorts them at each claim, so its cost stays bounded (a few milliseconds)
+# whatever the backlog; beyond the window, replies wait oldest first.
+FAIR_WINDOW = 5000
+_waiting = (
+    sa.select(
+        _inbound.c.id,
+        sa.func.coalesce(_inbound.c.request_id, "from:" + _inbound.c.envelope_from).label("whose"),
+    )
+    .where(
+        _inbound.c.status == InboundStatus.NEW,
+        _lease_free(_inbound),
+        sa.or_(
+            _inbound.c.request_id.is_(None),
+            _inbound.c.request_id.not_in(sa.bindparam("busy", expanding=True)),
+        ),
+    )
+    .order_by(_inbound.c.id)
+    .limit(FAIR_WINDOW)
+    .subquery()
+)
+_turns = sa.select(
+    _waiting.c.id,
+    sa.func.row_number().over(partition_by=_waiting.c.whose, order_by=_waiting.c.id).label("turn"),
+).subquery()
+_UNANSWERED = (
+    sa.select(_turns.c.id)
+    .where(_turns.c.turn == 1)
+    .order_by(_turns.c.id)
+    .limit(sa.bindparam("limit"))
+)
 
 
 def stored_flags(keys: Sequence[str], inserted: set[str]) -> list[bool]:

@@ -17,7 +17,7 @@ from sqlmodel import select
 
 from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
 from hitl_mail.models import InboundMessage, InboundStatus, utcnow
-from hitl_mail.store import Store
+from hitl_mail.store import InboundItem, Store
 
 
 @pytest.fixture(params=["native", "pooled"])
@@ -59,11 +59,13 @@ async def test_a_stored_message_reads_back_whole_and_a_second_delivery_is_a_dupl
     edge: EdgeStore, store: Store
 ) -> None:
     raw = b"Message-ID: <a@x>\r\nSubject: caf\xc3\xa9\r\n\r\napproved\r\n\x00\xff"
-    item = ("mid:<a@x>", "owner@example.com", ["reply+tok@reply.example.com", "b@x"], raw)
+    item = InboundItem(
+        "mid:<a@x>", "owner@example.com", ["reply+tok@reply.example.com", "b@x"], raw, "R1"
+    )
     assert await edge.store(item) is True
     assert await edge.store(item) is False
     [row] = stored_rows(store)
-    assert (row.dedupe_key, row.envelope_from, row.recipients, row.raw) == item
+    assert (row.dedupe_key, row.envelope_from, row.recipients, row.raw, row.request_id) == item
     assert (row.status, row.attempts, row.lease_until) == (InboundStatus.NEW, 0, None)
     assert abs((utcnow() - row.received_at).total_seconds()) < 60
 
@@ -73,7 +75,7 @@ async def test_messages_stored_at_once_share_commits_and_each_gets_its_own_answe
 ) -> None:
     keys = [f"mid:<{n % 40}@x>" for n in range(60)]  # the last 20 repeat earlier ones
     results = await asyncio.gather(
-        *(edge.store((key, "o@x", ["r@x"], key.encode())) for key in keys)
+        *(edge.store(InboundItem(key, "o@x", ["r@x"], key.encode())) for key in keys)
     )
     assert sum(results) == 40
     assert results[:40] == [True] * 40
@@ -87,7 +89,9 @@ async def test_messages_stored_at_once_share_commits_and_each_gets_its_own_answe
 async def test_one_message_the_database_refuses_does_not_refuse_the_others_stored_with_it(
     edge: EdgeStore, store: Store
 ) -> None:
-    items = [(f"mid:<{n}@x>", "o\x00@x" if n == 3 else "o@x", ["r@x"], b"m") for n in range(8)]
+    items = [
+        InboundItem(f"mid:<{n}@x>", "o\x00@x" if n == 3 else "o@x", ["r@x"], b"m") for n in range(8)
+    ]
     results = await asyncio.gather(*(edge.store(item) for item in items), return_exceptions=True)
     assert [isinstance(r, Exception) for r in results] == [n == 3 for n in range(8)]
     assert len(stored_rows(store)) == 7

@@ -14,9 +14,7 @@ from hitl_mail.store import Store, Transition, audit_event
 
 
 def stored_reply(store: Store, key: str) -> int:
-    assert store.store_inbound_many(
-        [(key, "ann@example.org", ["reply@x"], b"Subject: x\r\n\r\nok")]
-    )
+    assert store.store_inbound(key, "ann@example.org", ["reply@x"], b"Subject: x\r\n\r\nok")
     (row,) = store.claim_inbound(1, timedelta(minutes=1))
     assert row.id is not None
     return row.id
