@@ -5,10 +5,12 @@ Two pieces, both owned by the `App` and passed explicitly (no module-level regis
 - `Metrics` holds a private Prometheus `CollectorRegistry`. Stages call its event
   methods (`email_sent`, `reply_refused`, …); the number of requests by status and
   the readiness flag are pulled from callbacks the App provides, at scrape time.
-- `HealthServer` is a deliberately small asyncio HTTP/1.1 server (GET and HEAD,
-  ``Connection: close``, 8 KiB request head, 5 s to send it) for ``/metrics``,
-  ``/healthz`` (the event loop answers) and ``/readyz`` (the App says ready).
-  It binds loopback unless told otherwise; it has no authentication.
+- `health_routes` serves ``/metrics`` (prometheus-client's ASGI app),
+  ``/healthz`` (the event loop answers) and ``/readyz`` (the App says ready)
+  as Starlette routes, GET and HEAD. The ``[http]`` server mounts them; the
+  `HealthServer` serves them alone on the ``[health]`` port, under uvicorn
+  (web.py: 8 KiB request head, 5 s to send it, ``Connection: close``). Neither
+  has authentication: bind them to loopback or a private network.
 
 `probe()` is the client side, for ``hitl-mail health`` and container health checks.
 """
@@ -16,17 +18,21 @@ Two pieces, both owned by the `App` and passed explicitly (no module-level regis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from http import HTTPStatus
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_asgi_app
 from prometheus_client.core import GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from hitl_mail.web import CloseConnections, WebServer
 
 __all__ = [
     "EMAIL_KINDS",
@@ -35,6 +41,7 @@ __all__ = [
     "REQUEST_STATUSES",
     "HealthServer",
     "Metrics",
+    "health_routes",
     "probe",
 ]
 
@@ -76,11 +83,7 @@ TIME_TO_ANSWER_BUCKETS = (
 RequestCounts = Callable[[], Mapping[str, int]]
 Readiness = Callable[[], bool]
 
-# The classic text format; generate_latest() writes it whatever the Accept header.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REQUEST_HEAD = 8 * 1024
-READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 5.0
+READ_TIMEOUT = 5.0  # seconds a client has to send its request head
 # /metrics calls the App's request-count callback (a database query) in a thread.
 RENDER_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
@@ -117,7 +120,7 @@ class _ScrapeTimeCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("hitl_up", _UP_HELP, value=1)
         yield GaugeMetricFamily("hitl_ready", _READY_HELP, value=int(self._metrics.is_ready()))
-        counts = self._metrics.request_counts()
+        counts = self._metrics.scraped_counts
         if counts is None:
             return
         family = GaugeMetricFamily("hitl_requests", _REQUESTS_HELP, labels=["status"])
@@ -144,6 +147,7 @@ class Metrics:
         self._request_counts = request_counts
         self._ready = ready
         self._request_statuses = tuple(request_statuses)
+        self.scraped_counts: dict[str, int] | None = None  # set by refresh(), before each scrape
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.emails_sent = Counter(
@@ -235,135 +239,114 @@ class Metrics:
             return None
         return {status: 0 for status in self._request_statuses} | counts
 
+    def refresh(self) -> None:
+        """Read the request counts now (blocking: call it off the event loop); scrapes show them."""
+        self.scraped_counts = self.request_counts()
+
     def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
+        """The registry in the Prometheus text exposition format, counts read now."""
+        self.refresh()
         return bytes(generate_latest(self.registry))
 
 
-@dataclass(frozen=True)
-class _Response:
-    status: HTTPStatus
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = field(default=())
-
-    def encode(self, *, head_only: bool = False) -> bytes:
-        lines = [
-            f"HTTP/1.1 {self.status.value} {self.status.phrase}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if head_only else head + self.body
-
-
-def _text(status: HTTPStatus, text: str | None = None) -> _Response:
-    return _Response(status, ((text or status.phrase.lower()) + "\n").encode())
-
-
 _INDEX = "hitl-mail: /metrics (Prometheus), /healthz (liveness), /readyz (readiness)"
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _Scrape:
+    """prometheus-client's ASGI app, with the App's request counts read off the loop first.
+
+    ``make_asgi_app`` renders the registry synchronously; the counts come from a
+    database query, so they are refreshed in a worker thread (bounded by
+    ``RENDER_TIMEOUT``) and the collector only reads the refreshed values.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._app = make_asgi_app(registry=metrics.registry)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            async with asyncio.timeout(RENDER_TIMEOUT):
+                await asyncio.to_thread(self._metrics.refresh)
+        except TimeoutError:
+            logger.warning("metrics took longer than %ss to render", RENDER_TIMEOUT)
+            response = PlainTextResponse("metrics timed out\n", 503, headers=_NO_STORE)
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, _with_length(send))
+
+
+def _with_length(send: Any) -> Any:
+    """Hold the response start until the one body message, to send a Content-Length.
+
+    prometheus-client's app sends none, so uvicorn would answer chunked; plain
+    HTTP/1.1 clients (and ``curl --http1.0`` health checks) read a sized body.
+    """
+    start: dict[str, Any] = {}
+
+    async def sized(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if start:
+            body = message.get("body", b"")
+            headers = [*start.get("headers", []), (b"content-length", str(len(body)).encode())]
+            await send({**start, "headers": [*headers, (b"cache-control", b"no-store")]})
+            start.clear()
+        await send(message)
+
+    return sized
+
+
+def health_routes(metrics: Metrics) -> list[Route]:
+    """``/metrics``, ``/healthz``, ``/readyz`` and ``/`` (GET and HEAD), for any Starlette app."""
+
+    async def healthz(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok\n", headers=_NO_STORE)
+
+    async def readyz(request: Request) -> PlainTextResponse:
+        if metrics.is_ready():
+            return PlainTextResponse("ready\n", headers=_NO_STORE)
+        return PlainTextResponse("not ready\n", 503, headers=_NO_STORE)
+
+    async def index(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(_INDEX + "\n", headers=_NO_STORE)
+
+    methods = ["GET", "HEAD"]
+    return [
+        Route("/metrics", _Scrape(metrics), methods=methods),
+        Route("/healthz", healthz, methods=methods),
+        Route("/readyz", readyz, methods=methods),
+        Route("/", index, methods=methods),
+    ]
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` over a minimal HTTP/1.1 server."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` alone on their own port (``[health]``).
+
+    The same routes as the ``[http]`` server, on a Starlette app under uvicorn
+    (web.py); every response closes its connection, as probes expect.
+    """
 
     def __init__(self, metrics: Metrics, *, max_connections: int = MAX_CONNECTIONS) -> None:
-        self._metrics = metrics
-        self._max_connections = max_connections
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        app = CloseConnections(Starlette(routes=health_routes(metrics)))
+        # READ_TIMEOUT is read per connection, so it can be changed while serving.
+        self._web = WebServer(
+            app,
+            max_connections=max_connections,
+            read_timeout=lambda: READ_TIMEOUT,
+            lenient_host=True,
+            name="health",
+        )
 
     async def start(self, host: str = "127.0.0.1", port: int = 9125) -> int:
         """Listen on ``host:port`` (port 0: any free one); return the bound port."""
-        if self._server is not None:
-            raise RuntimeError("HealthServer already started")
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
-        bound = int(self._server.sockets[0].getsockname()[1])
-        logger.info("health endpoint listening on http://%s:%d", host, bound)
-        return bound
+        return await self._web.start(host, port)
 
     async def stop(self) -> None:
         """Stop listening and end open connections; returns within a few seconds."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(self._connections, timeout=WRITE_TIMEOUT)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await server.wait_closed()
-        logger.info("health endpoint stopped")
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            if len(self._connections) > self._max_connections:
-                reply: bytes | None = _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy").encode()
-            else:
-                reply = await self._respond(reader)
-            if reply is not None:
-                writer.write(reply)
-                async with asyncio.timeout(WRITE_TIMEOUT):
-                    await writer.drain()
-        except (OSError, TimeoutError) as exc:
-            logger.debug("health connection dropped: %s", exc)
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(WRITE_TIMEOUT):
-                    await writer.wait_closed()
-
-    async def _respond(self, reader: asyncio.StreamReader) -> bytes | None:
-        """The encoded response to one request; ``None`` when the client went away."""
-        try:
-            async with asyncio.timeout(READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return None
-        except asyncio.LimitOverrunError:
-            return _text(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE).encode()
-        except TimeoutError:
-            return _text(HTTPStatus.REQUEST_TIMEOUT).encode()
-        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return _text(HTTPStatus.BAD_REQUEST).encode()
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            allow = (("Allow", "GET, HEAD"),)
-            return _Response(HTTPStatus.METHOD_NOT_ALLOWED, b"", headers=allow).encode()
-        response = await self._route(target.split("?", 1)[0])
-        return response.encode(head_only=method == "HEAD")
-
-    async def _route(self, path: str) -> _Response:
-        if path == "/metrics":
-            return await self._scrape()
-        if path == "/healthz":
-            return _text(HTTPStatus.OK, "ok")
-        if path == "/readyz":
-            if self._metrics.is_ready():
-                return _text(HTTPStatus.OK, "ready")
-            return _text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready")
-        if path == "/":
-            return _text(HTTPStatus.OK, _INDEX)
-        return _text(HTTPStatus.NOT_FOUND)
-
-    async def _scrape(self) -> _Response:
-        try:
-            async with asyncio.timeout(RENDER_TIMEOUT):
-                body = await asyncio.to_thread(self._metrics.render)
-        except TimeoutError:
-            logger.warning("metrics took longer than %ss to render", RENDER_TIMEOUT)
-            return _text(HTTPStatus.SERVICE_UNAVAILABLE, "metrics timed out")
-        return _Response(HTTPStatus.OK, body, content_type=METRICS_CONTENT_TYPE)
+        await self._web.stop()
 
 
 def probe(url: str, timeout: float = 5.0) -> bool:
