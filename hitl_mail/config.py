@@ -18,8 +18,19 @@ from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hitl_mail.models import WebhookEvent
 
 DEFAULT_CONFIG_NAME = "hitl-mail.toml"
 CONFIG_ENV = "HITL_MAIL_CONFIG"
@@ -260,6 +271,40 @@ class HealthSettings(_Section):
     port: int = Field(default=9125, ge=0, le=65535)
 
 
+def _webhook_event(value: object) -> WebhookEvent:
+    try:
+        return WebhookEvent(str(value))
+    except ValueError:
+        names = ", ".join(event.value for event in WebhookEvent)
+        raise ValueError(f"{value!r} is not a webhook event; choose from {names}") from None
+
+
+def _http_url(value: object) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return str(value)
+
+
+class WebhookSettings(_Section):
+    """One `[[webhooks]]` entry: every event it names, signed with its secret, POSTed to its URL."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    url: Annotated[str, BeforeValidator(_http_url)]
+    secret: str = Field(min_length=16)
+    events: tuple[Annotated[WebhookEvent, BeforeValidator(_webhook_event)], ...] | None = None
+    timeout: Duration = Field(default=timedelta(seconds=10), gt=timedelta(0))
+    # SPEC 8: the first retry within 10 s, retries for at least an hour.
+    retry_initial: Duration = Field(
+        default=timedelta(seconds=5), gt=timedelta(0), le=timedelta(seconds=10)
+    )
+    retry_max: Duration = Field(default=timedelta(minutes=10), gt=timedelta(0))
+    retry_for: Duration = Field(default=timedelta(hours=1), gt=timedelta(0))
+
+    def wants(self, event: str) -> bool:
+        return self.events is None or event in self.events
+
+
 class Config(_Section):
     """Everything the daemon and `MailProvider` need, validated once."""
 
@@ -273,7 +318,19 @@ class Config(_Section):
     flows: FlowSettings = FlowSettings()
     logging: LoggingSettings = LoggingSettings()
     health: HealthSettings = HealthSettings()
+    webhooks: tuple[WebhookSettings, ...] = ()
     source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhook_names(
+        cls, webhooks: tuple[WebhookSettings, ...]
+    ) -> tuple[WebhookSettings, ...]:
+        names = [hook.name for hook in webhooks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"the name {twice[0]!r} is used twice; webhook names must be unique")
+        return webhooks
 
     @property
     def secret_keys(self) -> tuple[str, ...]:

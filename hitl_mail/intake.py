@@ -12,9 +12,9 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from hitl_mail import compose, deadlines, tokens
+from hitl_mail import compose, deadlines, tokens, webhooks
 from hitl_mail.config import Config
-from hitl_mail.models import FeedbackRequest, OutboxMessage, RequestStatus, utcnow
+from hitl_mail.models import FeedbackRequest, OutboxMessage, RequestStatus, WebhookEvent, utcnow
 from hitl_mail.outbound import queue_row
 from hitl_mail.routing import Assignment, RoutingError, route
 from hitl_mail.store import Store, audit_event
@@ -92,6 +92,9 @@ def create_request(
         *events,
         outbox,
         audit_event(request.id, "notification_queued", ACTOR, detail={"to": request.assigned_to}),
+        *webhooks.event_rows(
+            config.webhooks, webhooks.event_payload(WebhookEvent.NEW_REQUEST, request)
+        ),
     )
     log.info(
         "request %s created for %s.%s, assigned to %s",

@@ -1,4 +1,4 @@
-"""The database tables: requests, their audit trail, and the two mail queues.
+"""The database tables: requests, their audit trail, the two mail queues and the HTTP outbox.
 
 Tables are the queues between stages (see store.py): a flow process inserts a
 request and its notification into `outbox`; the SMTP edge inserts raw replies
@@ -9,6 +9,7 @@ created and changed only by the migrations in `hitl_mail/migrations`.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -190,3 +191,57 @@ class FlowStateRow(SQLModel, table=True):
     method_name: str = Field(max_length=200)
     state: Any = _json()
     saved_at: datetime = _at(nullable=False)
+
+
+class WebhookEvent(StrEnum):
+    """What happened to a request, as webhooks name it (SPEC section 8)."""
+
+    NEW_REQUEST = "new_request"
+    ANSWERED = "answered"
+    AUTO_ANSWERED = "auto_answered"
+    RESUMED = "resumed"
+    RESUME_FAILED = "resume_failed"
+    REMINDER = "reminder"
+    ESCALATED = "escalated"
+    CANCELLED = "cancelled"
+    REFUSED = "refused"
+
+
+class HttpOutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"  # leased by a delivery in flight; taken again once the lease runs out
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class HttpOutboxRow(SQLModel, table=True):
+    """One HTTP POST to make: an event to one webhook, or an answer to a bridged callback URL.
+
+    The body bytes are fixed when the row is written, so every retry sends
+    exactly the same body (and the same `event_id` in it); only the signature
+    headers, made at each attempt, change. Rows of one request to one
+    destination are delivered in `id` order (see delivery.py).
+    """
+
+    __tablename__ = "http_outbox"
+    __table_args__ = (
+        sa.Index("ix_http_outbox_due", "status", "next_attempt_at"),
+        sa.Index("ix_http_outbox_order", "request_id", "destination", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str | None = Field(default=None, max_length=32)
+    destination: str = Field(max_length=100)  # a [[webhooks]] name, or "callback"
+    url: str
+    event: str = Field(max_length=40)
+    event_id: str = Field(max_length=40, index=True)
+    body: bytes = Field(sa_column=Column(sa.LargeBinary, nullable=False))
+    status: str = Field(default=HttpOutboxStatus.PENDING, max_length=10)
+    attempts: int = 0
+    next_attempt_at: datetime = _at(nullable=False)
+    first_attempt_at: datetime | None = _at()
+    lease_until: datetime | None = _at()
+    last_status: int | None = None
+    last_error: str | None = None
+    created_at: datetime = _at(nullable=False)
+    delivered_at: datetime | None = _at()
