@@ -1,0 +1,233 @@
+"""A burst of replies against `hitl-mail serve`, as a black box, beside bare aiosmtpd in the same run.
+
+    python -m bench.burst [--sizes 400 10000] [--backends sqlite postgres] [--keep]
+
+What a mail relay does when it flushes its queue after an outage: N replies,
+3.4 KB each, over 8 reused connections, sent as fast as the server answers.
+For each backend and size, in this order:
+
+1. bare aiosmtpd (its handler only answers 250) takes a burst of the same
+   size and shape: the SMTP stack's own pace on this machine, now;
+2. `hitl-mail serve` is started with N pending requests (cloned from a
+   really paused `TrivialFlow`), warmed up (each resume worker resumes a
+   flow first), and takes the burst: accept rate and end-of-DATA → 250
+   p50/p99, as the load generator sees them;
+3. every request is waited for: resumed, and confirmed by exactly one email
+   to the relay sink, with exactly one `answered` audit row (nothing lost,
+   nothing doubled).
+
+The accept ratio is serve's rate over bare aiosmtpd's. Results go to
+`bench/results/burst.json` and to the "Bursts" section of `RESULTS.md`
+(written by `bench/report.py`). Every process is the benchmark's own; every
+loop is bounded in count and time; all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.common import (
+    BENCH,
+    PYTHON,
+    ROOT,
+    Child,
+    child_env,
+    loadgen,
+    percentile,
+    postgres_available,
+    postgres_database,
+    seed_requests,
+)
+from bench.reply_resume import Daemon, replies_job
+
+CLIENTS = 8
+WARMUP = 12
+RESULTS = BENCH / "results" / "burst.json"
+
+
+def template(work: Path, config: Path) -> dict[str, Any]:
+    """Pause one real `TrivialFlow` through MailProvider; its stored context, for cloning."""
+    out = work / "template.json"
+    code = (
+        "import json, sys; from bench.ceiling import template; "
+        "json.dump(template(sys.argv[1]), open(sys.argv[2], 'w'))"
+    )
+    with open(work / "template.log", "wb") as log:
+        subprocess.run(
+            [PYTHON, "-c", code, str(config), str(out)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(HITL_MAIL_CONFIG=str(config)),
+            cwd=ROOT,
+            timeout=300,
+            check=True,
+        )
+    return dict(json.loads(out.read_text())["context"])
+
+
+def bare_burst(work: Path, size: int, label: str) -> dict[str, Any]:
+    """Bare aiosmtpd taking `size` replies of the same shape (their tokens are never read)."""
+    bare = Child([PYTHON, "-m", "bench.servers", "bare", "0"], work / f"bare-{label}.log")
+    try:
+        port = bare.wait_port()
+        url = f"sqlite:///{work / f'bare-{label}.db'}"
+        seeded = seed_requests(url, size)
+        run = loadgen(
+            replies_job(port, seeded, ["approved"], clients=CLIENTS, max_seconds=300.0),
+            work,
+            f"bare-{label}",
+            timeout=400,
+        )
+    finally:
+        bare.stop()
+    return figures(run)
+
+
+def serve_burst(work: Path, url: str, size: int, context: dict[str, Any]) -> dict[str, Any]:
+    daemon = Daemon(work, url)
+    warm = seed_requests(url, WARMUP, context=context)
+    burst = seed_requests(url, size, context=context)
+    try:
+        daemon.start()
+        loadgen(replies_job(daemon.smtp_port, warm, ["approved"]), work, "warmup")
+        daemon.wait_resumed([s.request_id for s in warm], 120)
+        run = loadgen(
+            replies_job(daemon.smtp_port, burst, ["approved"], clients=CLIENTS, max_seconds=300.0),
+            work,
+            "burst",
+            timeout=400,
+        )
+        ids = [s.request_id for s in burst]
+        found = daemon.wait_resumed(ids, 900)
+        sink = daemon.sink_events()
+        answered = answered_rows(daemon.engine, ids)
+    finally:
+        daemon.stop()
+    out = figures(run)
+    out.update(
+        {
+            "resumed": sum(1 for s in found.values() if s[0] == "resumed"),
+            "confirmed_once": sum(1 for i in ids if sink.get(f"confirmation {i}", 0) == 1),
+            "confirmed_twice_or_more": sum(1 for i in ids if sink.get(f"confirmation {i}", 0) > 1),
+            "answered_once": sum(1 for i in ids if answered.get(i, 0) == 1),
+            "answered_twice_or_more": sum(1 for i in ids if answered.get(i, 0) > 1),
+        }
+    )
+    return out
+
+
+def answered_rows(engine: sa.Engine, ids: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(ids), 900):
+            rows = conn.execute(
+                sa.text(
+                    "SELECT request_id, count(*) FROM audit WHERE event = 'answered' "
+                    "AND request_id IN :ids GROUP BY request_id"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"ids": ids[start : start + 900]},
+            )
+            counts.update({row[0]: int(row[1]) for row in rows})
+    return counts
+
+
+def figures(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sent": run["ok"],
+        "rate": run["ok"] / run["elapsed"],
+        "p50_ms": percentile(run["latency_ms"], 50),
+        "p99_ms": percentile(run["latency_ms"], 99),
+        "errors": run["errors"] + run["refused"],
+    }
+
+
+@contextlib.contextmanager
+def database(backend: str, work: Path, label: str) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{work / f'{label}.db'}"
+    else:
+        with postgres_database(label) as url:
+            yield url
+
+
+def run(sizes: list[int], backends: list[str], work: Path) -> dict[str, Any]:
+    context_config = work / "template.toml"
+    from bench.common import write_config
+
+    write_config(
+        context_config, database_url=f"sqlite:///{work / 'template.db'}", smtp_port=0, relay_port=9
+    )
+    context = template(work, context_config)
+    results: dict[str, Any] = {}
+    for backend in backends:
+        for size in sizes:
+            label = f"{backend}-{size}"
+            case = work / label
+            case.mkdir()
+            bare = bare_burst(case, size, label)
+            with database(backend, case, f"burst_{size}") as url:
+                served = serve_burst(case, url, size, context)
+            results[label] = {
+                "backend": backend,
+                "size": size,
+                "bare": bare,
+                "serve": served,
+                "ratio": served["rate"] / bare["rate"],
+            }
+            print(
+                f"{label}: serve {served['rate']:.0f}/s vs bare {bare['rate']:.0f}/s "
+                f"= {results[label]['ratio']:.2f}; resumed {served['resumed']}/{size}",
+                flush=True,
+            )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 10_000])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
+    args = parser.parse_args()
+    backends = [b for b in args.backends if b == "sqlite" or postgres_available()]
+    work = Path(tempfile.mkdtemp(prefix="hitl-burst-"))
+    started = time.time()
+    load_before = os.getloadavg()
+    try:
+        cases = run(args.sizes, backends, work)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    document = {
+        "command": "python -m bench.burst " + " ".join(sys.argv[1:]),
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "seconds": time.time() - started,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "clients": CLIENTS,
+        "cases": cases,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(document, indent=1))
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
