@@ -213,7 +213,7 @@ def seed_requests(
                 request_id = tokens.new_request_id()
                 flow_id = str(uuid.uuid4())
                 token = tokens.mint(request_id, ASSIGNEE, [SECRET], now)
-                notification_id = compose.make_message_id("example.com", token)
+                notification_id = compose.make_message_id("example.com")
                 # Deadlines spread over a day, so none falls due during the benchmark.
                 deadline = now + deadline_in + timedelta(seconds=i) if deadline_in else None
                 rows.append(

@@ -1,12 +1,14 @@
 """Turn each stored reply into an answer, or into a recorded refusal; queue what to tell whom.
 
 The life of one reply: parse (replies.py) → find the request (token in the
-recipient, else the notification's Message-ID in In-Reply-To/References) →
-ignore machine mail → check the sender against the token → check expiry and
-status → decide the outcome (outcomes.py) → answer the request with one
-conditional update, queue the confirmation, and mark the stored reply done,
-all in one transaction. Nothing here ever mails the sender of a reply whose
-From does not match the token: that is how a forged reply stays harmless.
+recipient; else, only when senders must authenticate or `thread_fallback` is
+on, the notification's Message-ID in In-Reply-To/References) → ignore machine
+mail → check the sender against the token, then its authentication
+(authentication.py) → check expiry and status → decide the outcome
+(outcomes.py) → answer the request with one conditional update, queue the
+confirmation, and mark the stored reply done, all in one transaction. Nothing
+here ever mails the sender of a reply whose From does not match the token:
+that is how a forged reply stays harmless.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
 
-from hitl_mail import compose, tokens
+from hitl_mail import authentication, compose, tokens
 from hitl_mail.config import Config
 from hitl_mail.intake import addressing, content_of, reply_to_of, sender
 from hitl_mail.metrics import Metrics
@@ -40,6 +42,7 @@ RENEW_EVERY = 5.0
 RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
 ERROR_MAIL_WINDOW = timedelta(days=1)
 TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
+THREAD_IDS = 20  # Message-IDs of In-Reply-To/References looked up, nearest first
 
 
 class _Answer(NamedTuple):
@@ -99,6 +102,7 @@ class Answering:
         self.metrics = metrics or Metrics()
         self.wakeup = asyncio.Event()
         self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
+        self.dnsfunc: authentication.DnsFunc = authentication.system_dns  # DKIM key lookups
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # claimed and not yet finished: leases to renew
@@ -192,22 +196,49 @@ class Answering:
         request: FeedbackRequest | None = None
         try:
             token, request = self._locate(row, parsed)
-            issued_to = self._admissible(parsed, token, request)
+            issued_to = self._admissible(row, parsed, token, request)
         except Refusal as refusal:
             self._refuse(row, parsed, request, refusal)
             return _Checked(parsed, request, refused=refusal.result)
         return _Checked(parsed, request, issued_to)
 
     def _locate(self, row: InboundMessage, parsed: ParsedReply) -> tuple[str, FeedbackRequest]:
-        token = _token_of(row, parsed, addressing(self.config))
-        if token is None:
-            raise Refusal("unmatched", "no token in the recipient or the thread headers")
-        request = self.store.find(tokens.read(token).request_id, with_state=False)
-        if request is None:
-            raise Refusal("unmatched", "the token names no request of ours")
-        return token, request
+        """The reply's token and request: from its recipient, else (if allowed) its thread.
 
-    def _admissible(self, parsed: ParsedReply, token: str, request: FeedbackRequest) -> str:
+        A reply matched through its thread answers with the request's current
+        token, so every later check (signed for the assignee, expiry) holds it too.
+        """
+        token = _token_of(row, addressing(self.config))
+        if token is not None:
+            request = self.store.find(tokens.read(token).request_id, with_state=False)
+            if request is None:
+                raise Refusal("unmatched", "the token names no request of ours")
+            return token, request
+        inbound = self.config.inbound
+        if not inbound.thread_fallback and inbound.authentication.require == "none":
+            raise Refusal(
+                "unmatched",
+                "no token in the recipient; matching by In-Reply-To/References needs "
+                "[inbound.authentication].require or [inbound].thread_fallback",
+            )
+        request = self.store.find_by_notification(_thread_ids(parsed))
+        if request is None or request.token is None:
+            raise Refusal(
+                "unmatched", "no token in the recipient, no notification of ours in the thread"
+            )
+        return request.token, request
+
+    def _authenticated(self, row: InboundMessage, parsed: ParsedReply) -> None:
+        """Refuse, unless the From domain is authenticated as `[inbound.authentication]` requires."""
+        verdict = authentication.check(
+            row.raw, parsed.from_address or "", self.config.inbound.authentication, self.dnsfunc
+        )
+        if not verdict.passed:
+            raise Refusal("unauthenticated", verdict.reason)
+
+    def _admissible(
+        self, row: InboundMessage, parsed: ParsedReply, token: str, request: FeedbackRequest
+    ) -> str:
         """The address that may answer `request`, once the reply passed every check but the outcome."""
         if parsed.machine_reason is not None:
             raise Refusal("machine_mail", parsed.machine_reason)
@@ -220,6 +251,7 @@ class Answering:
                 detail=f"A reply from {parsed.from_address} was ignored.",
             )()
             raise Refusal("wrong_sender", f"From {parsed.from_address} is not {issued_to}")
+        self._authenticated(row, parsed)  # never told: the sender may not be who From says
         try:
             tokens.verify(token, issued_to, self.config.secret_keys, self.config.tokens.max_age)
         except tokens.ExpiredToken as exc:
@@ -405,9 +437,8 @@ class Answering:
         return queue
 
 
-def _token_of(
-    row: InboundMessage, parsed: ParsedReply, reply_addressing: tokens.ReplyAddressing
-) -> str | None:
+def _token_of(row: InboundMessage, reply_addressing: tokens.ReplyAddressing) -> str | None:
+    """The token in the first of the reply's recipients that carries one."""
     for recipient in row.recipients:
         try:
             token = reply_addressing.token_in(recipient)
@@ -415,8 +446,11 @@ def _token_of(
             continue
         if token is not None:
             return token
-    for message_id in (*parsed.in_reply_to, *reversed(parsed.references)):
-        token = compose.token_from_message_id(message_id)
-        if token is not None and tokens.looks_like_token(token):
-            return token
     return None
+
+
+def _thread_ids(parsed: ParsedReply) -> list[str]:
+    """The Message-IDs a reply answers, nearest first, as stored: `<id>`, ours lowercase."""
+    nearest = [*parsed.in_reply_to, *reversed(parsed.references)][:THREAD_IDS]
+    ids = [f"<{m.strip().strip('<>').strip()}>" for m in nearest]
+    return list(dict.fromkeys(i for m in ids for i in (m, m.lower())))

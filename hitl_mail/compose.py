@@ -48,8 +48,6 @@ _CTE = "quoted-printable"
 _ID_PREFIX = "hitl"
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
-# <hitl.TOKEN.RANDOM@domain>, or <hitl.RANDOM@domain> when no token was given.
-_OUR_ID = re.compile(rf"{_ID_PREFIX}\.(?:(?P<token>[^\s<>@]+)\.)?[0-9a-f]{{16}}@[^\s<>@]+", re.I)
 # The stdlib reads In-Reply-To and References as unstructured text and, once a long
 # Message-ID passes 78 columns, rewrites it as RFC 2047 encoded words, which breaks
 # threading. Parsed as msg-ids (we only ever write one), they stay as written.
@@ -101,21 +99,18 @@ def sender_domain(from_address: str) -> str:
     return domain
 
 
-def make_message_id(domain: str, token: str | None = None) -> str:
-    """A fresh `<hitl.[TOKEN.]RANDOM@domain>`; a reply's References then lead back to TOKEN."""
+def make_message_id(domain: str) -> str:
+    """A fresh, opaque `<hitl.RANDOM@domain>`: 128 random bits and nothing else.
+
+    It carries no credential (SPEC 9): every reply, and every mail the assignee
+    forwards to a colleague, repeats it in In-Reply-To/References. A reply that
+    lost its token is matched to the request by this id only when its sender is
+    authenticated or the operator allowed it (answering.py).
+    """
     domain = domain.strip().lower()
     if not _DOT_ATOM.fullmatch(domain):
         raise ValueError(f"not a domain for a Message-ID: {domain!r}")
-    if token is not None and not _DOT_ATOM.fullmatch(token):
-        raise ValueError("a token in a Message-ID must be dot-atom text (RFC 5322 3.2.3)")
-    middle = f"{token}." if token else ""
-    return f"<{_ID_PREFIX}.{middle}{secrets.token_hex(8)}@{domain}>"
-
-
-def token_from_message_id(msg_id: str) -> str | None:
-    """The token `make_message_id` embedded, lowercased like tokens.py's own; else None."""
-    match = _OUR_ID.fullmatch(msg_id.strip().strip("<>").strip())
-    return match["token"].lower() if match and match["token"] else None
+    return f"<{_ID_PREFIX}.{secrets.token_hex(16)}@{domain}>"
 
 
 @dataclass(frozen=True)
@@ -134,13 +129,9 @@ def notification(
     to: str,
     reply_to: str,
     message_id: str,
-    token: str,
     expires_at: datetime | None = None,
 ) -> EmailMessage:
     """The request itself: question, method output, how to answer (SPEC 5)."""
-    carried = token_from_message_id(message_id)
-    if carried is not None and carried != token.lower():
-        raise ValueError("message_id carries another token than the one in reply_to")
     blocks = [*_request_blocks(content), *_answer_blocks(content)]
     mail = _Mail("notification", _subject(content), blocks, _reply_footer(content, to, expires_at))
     return _build(mail, content, sender, to, message_id=message_id, reply_to=reply_to)

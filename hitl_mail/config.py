@@ -47,6 +47,7 @@ _SIZE_UNITS = {
     "MiB": 1024**2,
     "GiB": 1024**3,
 }
+_AUTHSERV_ID = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+$")  # RFC 8601 2.5: a value, as atoms
 _EMAIL = re.compile(
     r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$"
 )
@@ -123,9 +124,45 @@ class DaemonSettings(_Section):
     shutdown_timeout: Duration = timedelta(seconds=15)
 
 
+def _authserv_id(value: object) -> str:
+    """An authserv-id as RFC 8601 2.5 writes it (in practice a host name), lowercased."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if not _AUTHSERV_ID.match(text):
+        raise ValueError(
+            f"{value!r} is not an authserv-id; write a host name such as mx.example.com"
+        )
+    return text
+
+
+class AuthenticationSettings(_Section):
+    """`[inbound.authentication]`: what proves a reply's From domain (SPEC 9, authentication.py)."""
+
+    require: Literal["none", "dmarc", "dkim"] = "none"
+    # Hosts whose Authentication-Results headers (RFC 8601) are believed: your MTA's
+    # authserv-id, usually its host name. Headers naming any other host are ignored.
+    trusted_authserv_ids: tuple[Annotated[str, BeforeValidator(_authserv_id)], ...] = ()
+    # Check DKIM signatures here (dkimpy, DNS lookups) instead of, or beside, the MTA.
+    verify_dkim: bool = False
+
+    @model_validator(mode="after")
+    def _has_evidence(self) -> AuthenticationSettings:
+        if self.require != "none" and not self.trusted_authserv_ids and not self.verify_dkim:
+            raise ValueError(
+                f'trusted_authserv_ids is empty, so require = "{self.require}" could never '
+                "pass: name your MTA's authserv-id (its host name, as written in the "
+                "Authentication-Results it adds), or set verify_dkim = true"
+            )
+        return self
+
+
 class InboundSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=2525, ge=0, le=65535)
+    authentication: AuthenticationSettings = AuthenticationSettings()
+    # Match a reply with no token in its recipient through In-Reply-To/References even
+    # when its sender is not authenticated (SPEC 9). Off: anyone who saw the thread's
+    # Message-ID could then answer with a forged From.
+    thread_fallback: bool = False
     reply_domain: str
     # 15 + separator + 48-character token = 64, the local-part limit of RFC 5321 4.5.3.1.1.
     local_part: str = Field(default="reply", pattern=r"^[a-z0-9]{1,15}$")

@@ -115,7 +115,6 @@ def notification_row(config: Config, request: FeedbackRequest) -> OutboxMessage:
         to=request.assigned_to,
         reply_to=addressing(config).address(request.token),
         message_id=request.notification_id,
-        token=request.token,
         expires_at=request.created_at + config.tokens.max_age,
     )
     return queue_row(
@@ -150,7 +149,7 @@ def _assign(config: Config, request: FeedbackRequest, assignment: Assignment, no
     request.assigned_to = assignment.address.lower()
     request.routing_rule = assignment.rule
     request.token = tokens.mint(request.id, request.assigned_to, config.secret_keys, now)
-    request.notification_id = compose.make_message_id(config.outbound.domain, request.token)
+    request.notification_id = compose.make_message_id(config.outbound.domain)
     return audit_event(
         request.id,
         "assigned",

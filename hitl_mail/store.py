@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, func, select
 
+from hitl_mail import tokens
 from hitl_mail.models import (
     AuditEvent,
     FeedbackRequest,
@@ -228,6 +229,23 @@ class Store:
             return session.get(
                 FeedbackRequest, request_id, options=() if with_state else _WITHOUT_STATE
             )
+
+    def find_by_notification(self, message_ids: Sequence[str]) -> FeedbackRequest | None:
+        """The request whose current notification has one of `message_ids` (the first listed wins).
+
+        Without flow state, like `find(with_state=False)`. A reply that lost its
+        token is matched this way, through its In-Reply-To and References.
+        """
+        if not message_ids:
+            return None
+        query = (
+            select(FeedbackRequest)
+            .where(col(FeedbackRequest.notification_id).in_(message_ids))
+            .options(*_WITHOUT_STATE)
+        )
+        with self.reading() as session:
+            found = {row.notification_id: row for row in session.exec(query)}
+        return next((found[m] for m in message_ids if m in found), None)
 
     def assignee(self, request_id: str) -> str | None:
         """The address a request is assigned to (None: no such request, or unassigned).
@@ -789,6 +807,12 @@ def _finish_inbound(session: Session, finished: Sequence[tuple[int, str, str | N
 def audit_event(
     request_id: str | None, event: str, actor: str, source: str | None = None, detail: Any = None
 ) -> AuditEvent:
+    """One audit row; tokens in actor and detail are cut to a prefix, for every caller (SPEC 9)."""
     return AuditEvent(
-        request_id=request_id, at=utcnow(), event=event, actor=actor, source=source, detail=detail
+        request_id=request_id,
+        at=utcnow(),
+        event=event,
+        actor=tokens.redact(actor),
+        source=source,
+        detail=tokens.redacted(detail),
     )

@@ -144,7 +144,7 @@ class Timers:
         values = {
             "assigned_to": new,
             "token": token,
-            "notification_id": compose.make_message_id(self.config.outbound.domain, token),
+            "notification_id": compose.make_message_id(self.config.outbound.domain),
         }
         if not advance(session, request.id, [RequestStatus.PENDING], values):
             return False

@@ -20,11 +20,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from itsdangerous import Signer
 from itsdangerous.encoding import want_bytes
@@ -33,8 +35,11 @@ from itsdangerous.signer import HMACAlgorithm
 ID_BYTES = 10
 TAG_BYTES = 16
 TOKEN_LENGTH = 48
+SHOWN = 6  # characters of a token that logs and audit details may show (SPEC 9)
 _SALT = b"hitl-mail.reply-token"
 _ALGORITHM = HMACAlgorithm(hashlib.sha256)
+# Linear: a position inside a run fails the look-behind at once.
+_TOKEN_RUN = re.compile(rf"(?<![a-z2-7])[a-z2-7]{{{TOKEN_LENGTH},}}", re.IGNORECASE)
 
 
 class BadToken(Exception):
@@ -102,6 +107,32 @@ def looks_like_token(text: str) -> bool:
     except BadToken:
         return False
     return True
+
+
+def redact(text: str) -> str:
+    """`text` with every token-looking run cut to its first characters: safe to log or audit.
+
+    A token is a credential (SPEC 9): whoever holds it can answer from the
+    assignee's address. Any run of 48 or more token-alphabet characters, in
+    either case, is shown as its first `SHOWN` characters and "…", whether it
+    sits in `reply+TOKEN@`, in a Message-ID or in a quoted reply.
+    """
+    return _TOKEN_RUN.sub(_shorten, text)
+
+
+def redacted(value: Any) -> Any:
+    """`redact` applied to every string inside a JSON-like value (an audit detail)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(k)): redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redacted(v) for v in value]
+    return value
+
+
+def _shorten(match: re.Match[str]) -> str:
+    return match[0][:SHOWN] + "…"
 
 
 def _tag(key: str, body: bytes, address: str) -> bytes:

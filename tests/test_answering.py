@@ -324,31 +324,6 @@ async def test_the_token_is_matched_whatever_the_letter_case_of_the_recipient(
     assert (answered.status, answered.outcome, answered.source) == ("answered", "approved", "email")
 
 
-@pytest.mark.parametrize("separator", ["\r\n ", ", "], ids=["folded", "comma-joined"])
-async def test_a_reply_whose_plus_tag_was_stripped_is_matched_through_references(
-    daemon: Daemon, separator: str
-) -> None:
-    request, notification = await daemon.notified()
-    thread = [
-        "<older.1@client.example.org>",
-        str(notification["Message-ID"]),
-        "<CAB+xyz=later@mail.gmail.com>",
-    ]
-    bare = "reply@reply.example.com"
-    reply = replace(
-        reply_to(notification, "Rejected", to=bare), In_Reply_To=None, References=" ".join(thread)
-    )
-    raw = reply.as_bytes(policy=CLIENT).replace(
-        " ".join(thread).encode(), separator.join(thread).encode()
-    )
-
-    response = await deliver(daemon.port, raw, mail_from=ASSIGNEE, rcpt=[bare])
-
-    assert response.code == 250
-    await daemon.event(request.id, "answered")
-    assert daemon.store.get(request.id).outcome == "rejected"
-
-
 # -- not recorded, and nobody but the token's address is mailed ---------------------------
 
 
