@@ -125,7 +125,7 @@ class ReplyHandler:
             log.info(
                 "reply stored from %s for %s (%d bytes)",
                 sender,
-                ",".join(recipients),
+                tokens.redact(",".join(recipients)),
                 len(raw),
             )
             self.on_stored()

@@ -15,6 +15,8 @@ from hitl_mail.tokens import (
     mint,
     new_request_id,
     read,
+    redact,
+    redacted,
     verify,
 )
 
@@ -271,3 +273,30 @@ def test_a_dash_separator_works_end_to_end(request_id: str, token: str) -> None:
     assert verify(found, ALICE, KEYS, WEEK, now=NOW).request_id == request_id
     with pytest.raises(BadToken):
         addressing.token_in(f"reply+{token}@reply.example.com")
+
+
+# Redaction (SPEC 9: a token may be shown as its first 6 characters)
+
+
+@pytest.mark.sqlite_only
+def test_redact_cuts_every_token_to_its_first_six_characters_wherever_it_sits(token: str) -> None:
+    text = (
+        f"for reply+{token}@reply.example.com, <hitl.{token.upper()}.x@example.com>, "
+        f"quoted: {token}, and glued on: x{token}0"
+    )
+    shown = redact(text)
+    assert token not in shown.lower()
+    assert shown.count(token[:6] + "…") == 2
+    assert shown.count(token[:6].upper() + "…") == 1
+    assert f"reply+{token[:6]}…@reply.example.com" in shown
+    assert redact("request abcd2345efgh6723 answered by ann@example.com") == (
+        "request abcd2345efgh6723 answered by ann@example.com"
+    )
+
+
+@pytest.mark.sqlite_only
+def test_redacted_reaches_every_string_of_an_audit_detail(token: str) -> None:
+    detail = {"to": [f"reply+{token}@r.example.com"], f"k{token}": {"why": token}, "n": 3}
+    assert token not in repr(redacted(detail)).lower()
+    assert redacted(detail)["n"] == 3
+    assert redacted(None) is None
