@@ -22,6 +22,7 @@ from hitl_mail.metrics import HealthServer, Metrics
 from hitl_mail.models import RequestStatus
 from hitl_mail.outbound import Outbox
 from hitl_mail.resume import Resumer
+from hitl_mail.retention import RawRetention
 from hitl_mail.store import Store
 from hitl_mail.timers import Timers
 from hitl_mail.waiting import Arrivals
@@ -76,6 +77,7 @@ class App:
             arrivals=self.arrivals,
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
+        self.retention = RawRetention(config, self.store)
         self.listener = ListenerProcess(
             config,
             on_stored=self._stored,
@@ -109,7 +111,7 @@ class App:
         self.resumer.warm_up()
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()
-        for stage in (self.outbox, self.answering, self.resumer, self.timers):
+        for stage in (self.outbox, self.answering, self.resumer, self.timers, self.retention):
             task = asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
             task.add_done_callback(self._stage_ended)
             self._tasks.append(task)
@@ -150,6 +152,7 @@ class App:
         self.config = config
         self.answering.config = config
         self.timers.config = config
+        self.retention.config = config
         self.resumer.reload(config)
         log.info("configuration reloaded from %s", config.source)
 

@@ -9,6 +9,7 @@ sizes (`"10MB"`, `"10MiB"`) are strings turned into typed values here, once.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -104,7 +105,18 @@ def _mailbox(value: object) -> str:
     return value.strip()
 
 
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`"127.0.0.1"`, `"::1"` or `"10.0.0.0/8"` → a network (an address is a network of one)."""
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            f'{value!r} is not an IP address or network; write e.g. "127.0.0.1" or "10.0.0.0/8"'
+        ) from None
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+IPNetwork = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 EmailAddress = Annotated[str, BeforeValidator(_email)]
 Mailbox = Annotated[str, BeforeValidator(_mailbox)]
@@ -167,10 +179,34 @@ class InboundSettings(_Section):
     # 15 + separator + 48-character token = 64, the local-part limit of RFC 5321 4.5.3.1.1.
     local_part: str = Field(default="reply", pattern=r"^[a-z0-9]{1,15}$")
     separator: Literal["+", "-"] = "+"
-    max_message_size: Size = 10 * 1000**2
+    # A reply is a few KB; 1 MB leaves room for an HTML reply quoting the notification.
+    max_message_size: Size = Field(default=1000**2, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_starttls: bool = False
+    # After these, a token is refused at RCPT (550) instead of earning an explanation mail.
+    closed_grace: Duration = timedelta(days=7)
+    expired_grace: Duration = timedelta(days=7)
+    raw_retention: Duration = timedelta(days=7)
+    max_recipients: int = Field(default=5, ge=1, le=100)
+    # Stored and not yet processed, per request; more get a temporary 452 at RCPT.
+    max_pending_replies_per_request: int = Field(default=20, ge=1, le=1000)
+    max_connections: int = Field(default=100, ge=1, le=10_000)
+    max_connections_per_ip: int = Field(default=10, ge=1, le=10_000)
+    max_rcpt_failures_per_ip: int = Field(default=10, ge=1, le=10_000)
+    rcpt_failure_window: Duration = Field(default=timedelta(minutes=10), gt=timedelta(0))
+    idle_timeout: Duration = Field(default=timedelta(seconds=30), gt=timedelta(0))
+    data_timeout: Duration = Field(default=timedelta(minutes=2), gt=timedelta(0))
+    # Exempt from the per-IP limits (never from max_connections): the MTA in front.
+    trusted_relays: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+    @property
+    def takes_bare_address(self) -> bool:
+        """`reply@reply_domain`, with no token, is accepted only where a thread match may place it."""
+        return self.thread_fallback or self.authentication.require != "none"
 
     @model_validator(mode="after")
     def _tls_pair(self) -> InboundSettings:

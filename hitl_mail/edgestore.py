@@ -1,11 +1,13 @@
 """The SMTP edge's two database operations: the RCPT read and the DATA write.
 
-Every RCPT to a tokened address asks who the request is assigned to; every
-DATA stores the raw message and commits before the 250. Through the pooled
-engine in worker threads the read alone cost 0.6 ms of CPU per reply
-(thread hand-off, pool checkout, pre-ping and reset, statement compile), more
-than aiosmtpd spends on the whole SMTP transaction. So the edge keeps
-connections of its own, chosen by database:
+Every RCPT to a tokened address asks who the request is assigned to, whether
+it is still pending (and if not, since when) and how many of its replies wait
+to be processed, in one primary-key read; every DATA stores the raw message
+and commits before the 250. Through the pooled engine in worker threads the
+read alone cost 0.6 ms of CPU per reply (thread hand-off, pool checkout,
+pre-ping and reset, statement compile), more than aiosmtpd spends on the
+whole SMTP transaction. So the edge keeps connections of its own, chosen by
+database:
 
 - SQLite (`SqliteEdge`): the read runs inline on the event loop through a
   `query_only` connection: a primary-key read in WAL mode takes microseconds
@@ -34,9 +36,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 
-from hitl_mail.models import InboundMessage, InboundStatus, utcnow
+from hitl_mail.models import InboundMessage, InboundStatus, RequestStatus, utcnow
 from hitl_mail.store import (
     InboundItem,
+    ReplyTarget,
     Store,
     sqlite_pragmas,
     stored_flags,
@@ -47,14 +50,23 @@ from hitl_mail.waiting import Coalesce
 if TYPE_CHECKING:
     import psycopg
 
+# The columns of `ReplyTarget`, for a request aliased `r`: one primary-key read, and
+# for a pending request an index count (ix_inbound_waiting) of its replies in `inbound`.
+_TARGET_COLUMNS = (
+    "r.assigned_to, r.status,"
+    f" CASE WHEN r.status = '{RequestStatus.PENDING}' THEN NULL"
+    " ELSE coalesce(r.answered_at, r.created_at) END,"
+    f" CASE WHEN r.status = '{RequestStatus.PENDING}' THEN (SELECT count(*) FROM inbound i"
+    f" WHERE i.request_id = r.id AND i.status = '{InboundStatus.NEW}') ELSE 0 END"
+)
 SQLITE_BUSY_TIMEOUT_MS = 200  # a WAL reader waits only while a crashed writer's WAL is recovered
 PG_CONNECT_TIMEOUT_S = 10
 PG_APPLICATION_NAME = "hitl-mail-edge"  # how the edge's connections show in pg_stat_activity
 
 
 class EdgeStore(Protocol):
-    async def assignee(self, request_id: str) -> str | None:
-        """The address a request is assigned to (None: no such request, or unassigned)."""
+    async def reply_target(self, request_id: str) -> ReplyTarget | None:
+        """What RCPT needs to know of a request (None: no such request)."""
         ...
 
     async def store(self, item: InboundItem) -> bool:
@@ -86,8 +98,8 @@ class PooledEdge:
         self._store = store
         self.store = _committer(self._write)
 
-    async def assignee(self, request_id: str) -> str | None:
-        return await asyncio.to_thread(self._store.assignee, request_id)
+    async def reply_target(self, request_id: str) -> ReplyTarget | None:
+        return await asyncio.to_thread(self._store.reply_target, request_id)
 
     async def _write(self, items: list[InboundItem]) -> list[bool]:
         return await asyncio.to_thread(self._store.store_inbound_many, items)
@@ -106,7 +118,7 @@ class SqliteEdge:
     back through the ORM exactly as rows it wrote.
     """
 
-    READ = "SELECT assigned_to FROM requests WHERE id = ?"
+    READ = f"SELECT {_TARGET_COLUMNS} FROM requests r WHERE r.id = ?"
     WRITE = (
         "INSERT INTO inbound (dedupe_key, envelope_from, recipients, raw, received_at, status,"
         " request_id, attempts) VALUES {rows}"
@@ -125,15 +137,20 @@ class SqliteEdge:
         as_is: Callable[[Any], Any] = lambda value: value  # noqa: E731
         self._encode_recipients = columns.recipients.type.bind_processor(dialect) or as_is
         self._encode_time = columns.received_at.type.bind_processor(dialect) or as_is
+        time_type = columns.received_at.type.dialect_impl(dialect)
+        self._decode_time = time_type.result_processor(dialect, None) or as_is
 
-    async def assignee(self, request_id: str) -> str | None:
+    async def reply_target(self, request_id: str) -> ReplyTarget | None:
         if self._reader is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only=ON")
             self._reader = conn
         row = self._reader.execute(self.READ, (request_id,)).fetchone()
-        return None if row is None or row[0] is None else str(row[0])
+        if row is None:
+            return None
+        assigned_to, status, closed_at, waiting = row
+        return ReplyTarget(assigned_to, status, self._decode_time(closed_at), waiting)
 
     async def _write(self, items: list[InboundItem]) -> list[bool]:
         loop = asyncio.get_running_loop()
@@ -173,7 +190,7 @@ class SqliteEdge:
 class PsycopgEdge:
     """Both operations on autocommit async connections of their own, one statement each."""
 
-    READ = "SELECT id, assigned_to FROM requests WHERE id = ANY(%s)"
+    READ = f"SELECT r.id, {_TARGET_COLUMNS} FROM requests r WHERE r.id = ANY(%s)"
     # One statement, so one round trip and (autocommit) one transaction for a whole batch.
     WRITE = (
         "INSERT INTO inbound"
@@ -187,16 +204,18 @@ class PsycopgEdge:
     def __init__(self, conninfo: str) -> None:
         self.conninfo = conninfo
         self._conns: dict[str, psycopg.AsyncConnection[Any]] = {}
-        self._read: Coalesce[str, str | None] = Coalesce(self._read_many, name="rcpt-lookup")
+        self._read: Coalesce[str, ReplyTarget | None] = Coalesce(
+            self._read_many, name="rcpt-lookup"
+        )
         self.store = _committer(self._write)
 
-    async def assignee(self, request_id: str) -> str | None:
+    async def reply_target(self, request_id: str) -> ReplyTarget | None:
         return await self._read(request_id)
 
-    async def _read_many(self, request_ids: list[str]) -> list[str | None]:
+    async def _read_many(self, request_ids: list[str]) -> list[ReplyTarget | None]:
         rows = await self._execute("read", self.READ, (request_ids,))
-        found = {str(row[0]): row[1] for row in rows}
-        return [None if found.get(i) is None else str(found[i]) for i in request_ids]
+        found = {str(row[0]): ReplyTarget(*row[1:]) for row in rows}
+        return [found.get(i) for i in request_ids]
 
     async def _write(self, items: list[InboundItem]) -> list[bool]:
         keys, senders, recipients, raws, request_ids = zip(*items, strict=True)

@@ -159,6 +159,8 @@ async def _serve(config: Config, sock: socket.socket, pipe: Connection) -> None:
         config.secret_keys,
         on_stored=lambda: tell(STORED),
         observe_refusal=lambda reason: tell(REFUSED + reason.encode()),
+        settings=config.inbound,
+        token_max_age=config.tokens.max_age,
     )
     server = await start_listener(config.inbound, handler, config.outbound.domain, sock=sock)
     stop = asyncio.Event()

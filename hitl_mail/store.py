@@ -52,6 +52,15 @@ class InboundItem(NamedTuple):
     request_id: str | None = None  # from the recipient's token: claims take turns per request
 
 
+class ReplyTarget(NamedTuple):
+    """What the SMTP edge reads at RCPT about the request a token names: one primary-key read."""
+
+    assigned_to: str | None
+    status: str
+    closed_at: datetime | None  # when it left `pending` (None while it is pending)
+    waiting: int  # its stored replies not yet processed (0 unless it is pending)
+
+
 _MIGRATION_LOCK = 7_437_001  # pg_advisory_lock key: one migrator at a time
 _BUSY_TIMEOUT_MS = 30_000  # how long an SQLite statement waits for a lock before failing
 _READ_ONLY = "hitl_mail_read_only"  # execution option: a transaction that only reads
@@ -247,17 +256,16 @@ class Store:
             found = {row.notification_id: row for row in session.exec(query)}
         return next((found[m] for m in message_ids if m in found), None)
 
-    def assignee(self, request_id: str) -> str | None:
-        """The address a request is assigned to (None: no such request, or unassigned).
+    def reply_target(self, request_id: str) -> ReplyTarget | None:
+        """Whom a request is assigned to, its status, when it closed, its waiting replies.
 
-        The SMTP edge asks this at every RCPT, so it reads one column with one
-        statement (no write lock on SQLite) instead of loading the whole request.
+        The SMTP edge asks this at every RCPT, so it is one statement (no write
+        lock on SQLite) reading a few columns and an index count, instead of
+        loading the whole request. None: no such request.
         """
-        query = sa.select(col(FeedbackRequest.assigned_to)).where(
-            col(FeedbackRequest.id) == request_id
-        )
         with self.reader.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
+            row = conn.execute(_REPLY_TARGET, {"rid": request_id}).one_or_none()
+        return None if row is None else ReplyTarget(*row)
 
     def requests(self, status: str | None = None, limit: int = 1000) -> list[FeedbackRequest]:
         query = select(FeedbackRequest).order_by(col(FeedbackRequest.created_at).desc())
@@ -577,6 +585,32 @@ class Store:
             session.add_all(also)
             session.commit()
 
+    def purge_raw(self, received_before: datetime, limit: int) -> int:
+        """Clear the raw bytes of processed replies received before `received_before`; how many.
+
+        Looks at the `limit` oldest processed replies only (ix_inbound_due), so
+        each call costs the same however many were purged before; a result
+        under `limit` means the rest are younger. The row stays, with its
+        dedupe key, sender, request and result: a late re-delivery is still
+        a duplicate, and the reply's text stays in the audit trail.
+        """
+        oldest = (
+            sa.select(_inbound.c.id)
+            .where(_inbound.c.status == InboundStatus.DONE)
+            .order_by(_inbound.c.id)
+            .limit(limit)
+        )
+        purge = (
+            sa.update(_inbound)
+            .where(_inbound.c.id.in_(oldest.scalar_subquery()))
+            .where(_inbound.c.received_at < received_before)
+            .values(raw=b"", status=InboundStatus.PURGED)
+        )
+        with self.session() as session:
+            purged: int = session.execute(purge).rowcount  # type: ignore[attr-defined]
+            session.commit()
+        return purged
+
     # -- shared claim ---------------------------------------------------------
 
     def _claim(
@@ -707,6 +741,26 @@ _UNANSWERED = (
     .order_by(_turns.c.id)
     .limit(sa.bindparam("limit"))
 )
+
+
+_pending = _requests.c.status == RequestStatus.PENDING
+_REPLY_TARGET = sa.select(
+    _requests.c.assigned_to,
+    _requests.c.status,
+    # Answering and cancelling both set answered_at; created_at stands in for a row without one.
+    sa.case(
+        (_pending, None), else_=sa.func.coalesce(_requests.c.answered_at, _requests.c.created_at)
+    ),
+    sa.case(
+        (
+            _pending,
+            sa.select(sa.func.count())
+            .where(_inbound.c.request_id == _requests.c.id, _inbound.c.status == InboundStatus.NEW)
+            .scalar_subquery(),
+        ),
+        else_=0,
+    ),
+).where(_requests.c.id == sa.bindparam("rid"))
 
 
 def stored_flags(keys: Sequence[str], inserted: set[str]) -> list[bool]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from conftest import BACKEND, add_request
 from sqlmodel import select
 
 from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
-from hitl_mail.models import InboundMessage, InboundStatus, utcnow
+from hitl_mail.models import InboundMessage, InboundStatus, RequestStatus, utcnow
 from hitl_mail.store import InboundItem, Store
 
 
@@ -42,17 +43,37 @@ async def test_the_read_answers_the_assignee_and_nothing_for_an_unknown_request(
 ) -> None:
     add_request(store, "r1", assigned_to="owner@example.com")
     add_request(store, "r2")
-    assert await edge.assignee("r1") == "owner@example.com"
-    assert await edge.assignee("r2") is None
-    assert await edge.assignee("nosuchrequest") is None
+    assert await edge.reply_target("r1") == ("owner@example.com", "pending", None, 0)
+    assert await edge.reply_target("r2") == (None, "pending", None, 0)
+    assert await edge.reply_target("nosuchrequest") is None
+
+
+async def test_the_read_says_when_a_request_closed_and_how_many_of_its_replies_wait(
+    edge: EdgeStore, store: Store
+) -> None:
+    answered_at = utcnow() - timedelta(days=3)
+    add_request(store, "open", assigned_to="o@x")
+    add_request(
+        store, "answered", RequestStatus.ANSWERED, assigned_to="o@x", answered_at=answered_at
+    )
+    for n, request_id in enumerate(["open", "open", "open", "answered", "other"]):
+        store.store_inbound(f"mid:<{n}@x>", "o@x", ["r@x"], b"m", request_id)
+    store.finish_inbound(1, "answered", "open")  # processed: no longer waiting
+
+    assert await edge.reply_target("open") == ("o@x", "pending", None, 2)
+    closed = await edge.reply_target("answered")
+    assert closed is not None
+    assert (closed.status, closed.closed_at, closed.waiting) == ("answered", answered_at, 0)
 
 
 async def test_reads_made_at_once_each_get_their_own_answer(edge: EdgeStore, store: Store) -> None:
     for n in range(10):
         add_request(store, f"r{n}", assigned_to=f"person{n}@example.com")
     ids = [f"r{n % 12}" for n in range(60)]  # r10 and r11 do not exist
-    answers = await asyncio.gather(*(edge.assignee(i) for i in ids))
-    assert answers == [f"person{i[1:]}@example.com" if int(i[1:]) < 10 else None for i in ids]
+    answers = await asyncio.gather(*(edge.reply_target(i) for i in ids))
+    assert [a and a.assigned_to for a in answers] == [
+        f"person{i[1:]}@example.com" if int(i[1:]) < 10 else None for i in ids
+    ]
 
 
 async def test_a_stored_message_reads_back_whole_and_a_second_delivery_is_a_duplicate(
