@@ -41,7 +41,9 @@ LEASE = timedelta(seconds=20)
 RENEW_EVERY = 5.0
 RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
 ERROR_MAIL_WINDOW = timedelta(days=1)
-TEXT_KEPT = 20_000  # characters of a reply kept in the audit trail
+# Characters of a reply kept in the audit trail: its new text only, never the raw
+# message or the quoted history (SPEC 9); audit_event redacts any token in it.
+TEXT_KEPT = 20_000
 THREAD_IDS = 20  # Message-IDs of In-Reply-To/References looked up, nearest first
 
 

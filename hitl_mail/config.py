@@ -9,6 +9,7 @@ sizes (`"10MB"`, `"10MiB"`) are strings turned into typed values here, once.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -344,6 +345,72 @@ class HealthSettings(_Section):
     port: int = Field(default=9125, ge=0, le=65535)
 
 
+API_KEY_HASH = "sha256:"
+_PUBLIC_URL = re.compile(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$")
+
+
+def _api_key(value: object) -> str:
+    """An operator API key, kept only as `sha256:<hex>` (a value already written so stays as is)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an API key")
+    key = value.strip()
+    if key.startswith(API_KEY_HASH):
+        if not re.fullmatch(r"[0-9a-f]{64}", key[len(API_KEY_HASH) :]):
+            raise ValueError("a hashed key is sha256: and 64 lowercase hex digits")
+        return key
+    if len(key) < 16:
+        raise ValueError("an API key must be at least 16 characters (e.g. openssl rand -hex 32)")
+    return hash_api_key(key)
+
+
+def hash_api_key(key: str) -> str:
+    """How `[http].api_keys` are held in memory, and may be written in the file."""
+    return API_KEY_HASH + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _public_url(value: object) -> str:
+    text = str(value).strip() if isinstance(value, str) else ""
+    if not _PUBLIC_URL.match(text):
+        raise ValueError(
+            f'{value!r} is not a base URL; write e.g. "https://hitl.example.com" '
+            "(no query, fragment or user:password)"
+        )
+    return text.rstrip("/")
+
+
+class HttpSettings(_Section):
+    """`[http]`: the API, callback URLs, the bridge and health on one ASGI server (SPEC 8)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8025, ge=0, le=65535)
+    # Where clients reach this server (behind a reverse proxy): the base of callback_url.
+    public_url: Annotated[str, BeforeValidator(_public_url)] | None = None
+    api_keys: tuple[Annotated[str, BeforeValidator(_api_key)], ...] = ()
+    max_body: Size = Field(default=64 * 1000, gt=0, le=10 * 1000**2)
+
+
+class BridgeSettings(_Section):
+    """`[bridge]`: crewAI's hosted HITL webhooks in, answers out to their callback_url."""
+
+    enabled: bool = False
+    path: str = Field(default="/bridge/crewai", pattern=r"^/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
+    signing_secret: str | None = None
+    max_skew: Duration = Field(default=timedelta(minutes=5), gt=timedelta(0))
+    max_body: Size = Field(default=1000**2, gt=0, le=50 * 1000**2)
+
+    @model_validator(mode="after")
+    def _secret_when_enabled(self) -> BridgeSettings:
+        if self.enabled and not self.signing_secret:
+            raise ValueError(
+                'enabled bridge needs signing_secret (e.g. "env:CREWAI_WEBHOOK_SECRET")'
+            )
+        reserved = ("/api", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+        if any(self.path == r or self.path.startswith(r + "/") for r in reserved):
+            raise ValueError(f"path {self.path!r} is taken by hitl-mail's own endpoints")
+        return self
+
+
 def _webhook_event(value: object) -> WebhookEvent:
     try:
         return WebhookEvent(str(value))
@@ -392,6 +459,8 @@ class Config(_Section):
     logging: LoggingSettings = LoggingSettings()
     health: HealthSettings = HealthSettings()
     webhooks: tuple[WebhookSettings, ...] = ()
+    http: HttpSettings = HttpSettings()
+    bridge: BridgeSettings = BridgeSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("webhooks")
@@ -404,6 +473,14 @@ class Config(_Section):
         if twice:
             raise ValueError(f"the name {twice[0]!r} is used twice; webhook names must be unique")
         return webhooks
+
+    @model_validator(mode="after")
+    def _bridge_needs_http(self) -> Config:
+        if self.bridge.enabled and not self.http.enabled:
+            raise ValueError(
+                "bridge.enabled: the bridge is served by [http]; set http.enabled = true"
+            )
+        return self
 
     @property
     def secret_keys(self) -> tuple[str, ...]:

@@ -138,11 +138,16 @@ class OutboxMessage(SQLModel, table=True):
 class InboundStatus:
     NEW = "new"
     DONE = "done"
+    PURGED = "purged"  # done, and its raw bytes cleared after [inbound].raw_retention
 
 
 class InboundMessage(SQLModel, table=True):
     __tablename__ = "inbound"
-    __table_args__ = (sa.Index("ix_inbound_due", "status", "id"),)
+    __table_args__ = (
+        sa.Index("ix_inbound_due", "status", "id"),
+        # The SMTP edge counts a request's waiting replies at every RCPT (edgestore.py).
+        sa.Index("ix_inbound_waiting", "request_id", "status"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     dedupe_key: str = Field(max_length=500, unique=True)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from hitl_mail import tokens
 from hitl_mail.models import AuditEvent, FeedbackRequest
 
 
@@ -39,9 +40,9 @@ def as_json(request: FeedbackRequest, trail: Sequence[AuditEvent] | None = None)
             {
                 "at": _iso(e.at),
                 "event": e.event,
-                "actor": e.actor,
+                "actor": tokens.redact(e.actor),
                 "source": e.source,
-                "detail": e.detail,
+                "detail": tokens.redacted(e.detail),  # rows written before redaction too
             }
             for e in trail
         ]
@@ -91,10 +92,13 @@ def describe(request: FeedbackRequest, trail: Sequence[AuditEvent]) -> str:
     lines += ["", "audit trail:"]
     for event in trail:
         detail = (
-            "" if event.detail is None else " " + json.dumps(event.detail, ensure_ascii=False)[:300]
+            ""
+            if event.detail is None
+            else " " + json.dumps(tokens.redacted(event.detail), ensure_ascii=False)[:300]
         )
         lines.append(
-            f"  {_iso(event.at)}  {event.event:<22} {event.actor} ({event.source or '-'}){detail}"
+            f"  {_iso(event.at)}  {event.event:<22} {tokens.redact(event.actor)}"
+            f" ({event.source or '-'}){detail}"
         )
     return "\n".join(lines)
 

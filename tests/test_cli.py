@@ -21,7 +21,7 @@ from conftest import SECRET, free_port, request_context, write_config
 
 from hitl_mail import intake
 from hitl_mail.config import load_config
-from hitl_mail.models import FeedbackRequest
+from hitl_mail.models import AuditEvent, FeedbackRequest, utcnow
 from hitl_mail.routing import RoutingError
 from hitl_mail.store import Store
 
@@ -164,6 +164,22 @@ def test_check_config_reports_an_unset_environment_variable_with_its_key(tmp_pat
     assert "HITL_MAIL_SECRET" in out.stderr
 
 
+def test_check_config_refuses_required_authentication_with_nothing_to_check_it_by(
+    tmp_path: Path,
+) -> None:
+    example = (REPO / "config.example.toml").read_text(encoding="utf-8")
+    config = tmp_path / "hitl-mail.toml"
+    config.write_text(example + '\n[inbound.authentication]\nrequire = "dmarc"\n', "utf-8")
+
+    out = hitl_mail(
+        "check-config", "--config", str(config), cwd=tmp_path, env={"HITL_MAIL_SECRET": SECRET}
+    )
+
+    assert out.returncode == 2
+    assert "inbound.authentication: trusted_authserv_ids is empty" in out.stderr
+    assert "verify_dkim" in out.stderr
+
+
 # -- requests show / list -------------------------------------------------------------------
 
 
@@ -215,6 +231,31 @@ def test_requests_show_json_has_the_audit_trail_oldest_first_with_utc_offsets(
     moments = [datetime.fromisoformat(entry["at"]) for entry in audit]
     assert moments == sorted(moments)
     assert audit[1]["detail"]["to"] == "owner@example.com"
+
+
+def test_requests_show_prints_no_token_even_from_an_audit_row_written_unredacted(
+    installation: Installation,
+) -> None:
+    request = installation.create()
+    assert request.token
+    address = f"reply+{request.token}@reply.example.com"
+    installation.store.add(  # as a release before redaction wrote it, not through audit_event
+        AuditEvent(
+            request_id=request.id,
+            at=utcnow(),
+            event="email_sent",
+            actor=address,
+            detail={"reply_to": address, "message_id": f"<hitl.{request.token}.1@example.com>"},
+        )
+    )
+
+    text = installation.cli("requests", "show", request.id)
+    shown = installation.json("requests", "show", request.id)
+
+    assert text.returncode == 0
+    for output in (text.stdout, json.dumps(shown, ensure_ascii=False)):
+        assert request.token not in output.lower()
+        assert f"reply+{request.token[:6]}…@reply.example.com" in output
 
 
 def test_requests_list_status_shows_only_requests_in_that_status(

@@ -93,7 +93,7 @@ def test_the_example_file_validates_when_the_secret_is_in_the_environment(
     assert isinstance(config, Config)
     assert config.daemon.secret_key == SECRET
     assert config.inbound.reply_domain == "reply.example.com"
-    assert config.inbound.max_message_size == 10_000_000
+    assert config.inbound.max_message_size == 1_000_000
     assert config.tokens.max_age == timedelta(days=7)
     assert config.routing.default_assignee == "owner@example.com"
     (rule,) = config.routing.rules
