@@ -10,7 +10,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import FLOWS, Setup, reply_to, send, wait_until
+import sqlalchemy as sa
+from conftest import FLOWS, SECRET, Setup, reply_to, send, wait_until
+
+from hitl_mail.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -228,3 +231,55 @@ def test_a_flow_defined_in_a_script_run_as_main_is_refused_at_pause_time(setup: 
     assert "importable module" in out.stderr
     listing = setup.cli("requests", "list", "--json")
     assert json.loads(listing.stdout) == []
+
+
+def test_after_a_full_run_no_token_or_secret_is_in_the_logs_the_audit_table_or_requests_show(
+    setup: Setup,
+) -> None:
+    """SPEC 9: a token may show as its first 6 characters, never whole, at any log level."""
+    setup.config.write_text(setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    daemon = setup.start_daemon()
+    info = setup.kickoff()["callback_info"]
+    rid = info["request_id"]
+    token = info["reply_to"].partition("+")[2].partition("@")[0]
+    assert len(token) == 48
+    [notification] = setup.sink.wait_for("notification", rid)
+
+    forger = "mallory@attacker.example.net"  # refused, and the assignee is told by mail
+    send(setup.smtp_port, reply_to(notification, "Approved", sender=forger), envelope_from=forger)
+    [warning] = setup.sink.wait_for("error", rid)
+    send(setup.smtp_port, reply_to(notification, "Approved"))
+    setup.sink.wait_for("confirmation", rid)
+    setup.wait_event("approved")
+    wait_until(lambda: setup.show(rid)["status"] == "resumed", 30, what="resumed")
+    wait_until(
+        lambda: [e["event"] for e in setup.show(rid)["audit"]].count("email_sent") == 3,
+        30,
+        what="the notification, the warning and the confirmation sent",
+    )
+    assert setup.stop_daemon(daemon) == 0
+
+    shown = setup.cli("requests", "show", rid)
+    shown_json = setup.cli("requests", "show", rid, "--json")
+    listed = setup.cli("requests", "list", "--json")
+    engine = sa.create_engine(load_config(setup.config).daemon.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT * FROM audit")).all()
+    engine.dispose()
+    audit_table = "\n".join(str(tuple(row)) for row in rows)
+    log = setup.daemon_log()
+    places = {
+        "the daemon's log": log,
+        "requests show": shown.stdout + shown.stderr,
+        "requests show --json": shown_json.stdout + shown_json.stderr,
+        "requests list --json": listed.stdout,
+        "the audit table": audit_table,
+    }
+    assert "reply_wrong_sender" in audit_table
+    assert "answered" in audit_table
+    assert f"{token[:6]}…" in log  # the recipients were logged, and cut
+    assert "DEBUG" in log
+    for place, text in places.items():
+        assert token not in text.lower(), f"the token is in {place}"
+        assert SECRET not in text, f"the secret key is in {place}"
+    assert warning["X-HITL-Error"] == "wrong_sender"
