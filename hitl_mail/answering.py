@@ -244,6 +244,8 @@ class Answering:
         """The address that may answer `request`, once the reply passed every check but the outcome."""
         if parsed.machine_reason is not None:
             raise Refusal("machine_mail", parsed.machine_reason)
+        if parsed.from_address is None:  # no one mailbox in From: nobody to tell, nobody told
+            raise Refusal("wrong_sender", parsed.from_error or "no From address")
         issued_to = self._issued_to(token, request)
         if parsed.from_address != issued_to:
             self._tell(

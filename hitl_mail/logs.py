@@ -52,8 +52,6 @@ def setup(settings: LoggingSettings) -> None:
         "LiteLLM",
         "litellm",
         "httpx",
-        "mail-parser",
-        "mailparser",
         "aiosmtpd",
         "mail.log",
     ):

@@ -4,24 +4,50 @@ This module's single job is ``raw bytes -> ParsedReply``: the threading headers,
 a verdict on machine mail (auto-replies, bounces, lists, our own mail), and the
 *new text* of the reply with quoted history and signature removed, whose first
 non-empty line is the feedback. It never raises on malformed input: whatever
-cannot be read is left empty.
+cannot be read is left empty, and what cannot be read *safely* is named in
+``malformed`` (answering refuses such a reply before any other check).
 
-MIME comes from mail-parser (headers, decoded per RFC 2047) with the stdlib
-``email`` package as fallback; text parts are decoded here, because
-mail-parser neither unfolds ``format=flowed`` (RFC 3676) nor retries a
-wrongly labelled charset with anything but UTF-8 replacement characters.
+The sender is read strictly from the raw From header (senders.py); a From
+that is not exactly one mailbox leaves ``from_address`` None and says why in
+``from_error``. MIME comes from the stdlib ``email`` package with the compat32
+policy, which decodes nothing by itself; encoded words (RFC 2047), charsets and
+``format=flowed`` (RFC 3676) are decoded here. No third-party parser is on this
+path: mail-parser, used before, logged raw header values at WARNING and DEBUG
+and decoded encoded words and RFC 2231 values with whatever charset they named.
+
+Charsets are an allow-list (`ALLOWED_CHARSETS`, canonical codec names, aliases
+resolved with ``codecs.lookup``): the charsets mail is written in, whose
+decoders are linear. A message that names any other codec as a charset, in a
+MIME parameter, an RFC 2231 value or an encoded word, is ``malformed``:
+``punycode`` is quadratic (a 1 MB body costs minutes), and the rest
+(``idna``, ``unicode_escape``, ``*_codec``, ``rot13``, ...) are no charsets
+of any mail client. It is checked on the raw bytes before the stdlib parses
+them, because the stdlib itself decodes RFC 2231 boundary and charset values
+with the charset they name. An unknown label (``x-unknown``, a typo) is read
+as if unlabelled: UTF-8, else windows-1252, else latin-1, all linear, because
+mislabelled mail is common and harmless. A ``Content-Type`` or
+``Content-Disposition`` field over 4 KiB or 64 parameters is ``malformed``
+too: the stdlib's parameter parser is quadratic in them (100 KB of ``;``
+inside quotes took 40 s).
 
 Work is bounded and linear: scans go line by line, regular expressions are flat.
-A decoded text part is cut to ``MAX_PART_CHARS`` (256 Ki characters; HTML markup
+Only the first 1 MiB after the header section is parsed; header values are cut
+to 16 Ki characters and a part's bytes to 1 MiB *before* decoding; a decoded
+text part is cut to ``MAX_PART_CHARS`` (256 Ki characters; HTML markup
 likewise), only its first ``MAX_TEXT_CHARS`` (64 Ki) and ``MAX_TEXT_LINES`` (2,000)
-are searched for the new text, and a message with more than 100 MIME boundaries is
-read for its headers only. An answer sits at the top of a reply or under a short
-quote, so the caps cost nothing a person types by hand.
+are searched for the new text. The stdlib's MIME parser checks every line against
+every enclosing boundary, so a message with more than 100 boundaries, more than
+1,000 delimiter lines, or more than a million (boundaries x lines) is read for its
+headers only, and its text is empty. An answer sits at the top of a reply or under
+a short quote, so the caps cost nothing a person types by hand.
 """
 
 from __future__ import annotations
 
+import binascii
+import codecs
 import email.policy
+import functools
 import logging
 import re
 import unicodedata
@@ -29,12 +55,9 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
-from email.utils import getaddresses
 from html import unescape
-from typing import Any
 
-import mailparser
-from mailparser import utils as mailparser_utils
+from hitl_mail import senders
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +65,15 @@ MAX_PART_CHARS = 256 * 1024
 MAX_TEXT_CHARS = 64 * 1024
 MAX_TEXT_LINES = 2000
 _MAX_HEADER_CHARS = 16 * 1024
+_MAX_BODY_BYTES = 4 * MAX_PART_CHARS  # parsed after the header section; the rest is never read
+_MAX_PART_BYTES = 4 * MAX_PART_CHARS  # of a part, before decoding (4: UTF-32's bytes per char)
 _MAX_PARTS = 200
 _MAX_BOUNDARIES = 100
+_MAX_DELIMITERS = 1000
+_MAX_LINE_CHECKS = 1_000_000  # boundaries x lines: the stdlib's cost of splitting the parts
+_MAX_MIME_FIELD = 4096  # octets of a Content-Type or Content-Disposition field
+_MAX_MIME_PARAMS = 64
+_MAX_CHARSETS = 32  # distinct charset labels in one message
 _MAX_MIME_DEPTH = 20
 _MAX_MARKER_CHARS = 400  # longer lines are text, never a quote header or signature
 _SIGNATURE_MAX_WORDS = 7
@@ -64,13 +94,54 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _MESSAGE_ID = re.compile(r"<([^<>\s]+)>")
-_BARE_ID = re.compile(r"[^\s,;<>]+@[^\s,;<>]+")
-_ADDRESS = re.compile(r"[^\s<>()\",;:]+@[^\s<>()\",;:]+")
+# Matches start only where a run of word characters starts (the look-behind), so a
+# long run without "@" is scanned once, not once per position.
+_BARE_ID = re.compile(r"(?<![^\s,;<>])[^\s,;<>@]+@[^\s,;<>]+")
+_ADDRESS = re.compile(r"(?<![^\s<>()\",;:])[^\s<>()\",;:@]+@[^\s<>()\",;:]+")
 _DATE_OR_ADDRESS = re.compile(r"[0-9@]")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# RFC 2047 section 2; the charset may carry an RFC 2231 language ("utf-8*en").
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?\s]*)\?=")
+# Where a message names a charset: a MIME parameter, an RFC 2231 extended value
+# (charset'language'value), an encoded word.
+_CHARSET_LABEL = re.compile(
+    rb"charset\s*=\s*\"?([^\s\"';()<>,]{1,64})"
+    rb"|\*\s*=\s*\"?([^\s\"';]{1,64})'"
+    rb"|=\?([^?*\s]{1,64})[*?]",
+    re.IGNORECASE,
+)
+# A Content-Type or Content-Disposition field of any part, with its continuation lines
+# (the stdlib breaks lines at CR, LF and CRLF alike).
+_MIME_FIELD = re.compile(
+    rb"(?<![^\r\n])content-(?:type|disposition)[ \t]*:"
+    rb"[^\r\n]*(?:(?:\r\n|\r|\n)[ \t][^\r\n]*)*",
+    re.IGNORECASE,
+)
+_MAINTYPES = {
+    "multipart", "message", "text", "application", "image", "audio", "video", "font", "model",
+}  # fmt: skip
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 _TAG_START = re.compile(r"<(?:/?[a-zA-Z]|!|\?)")
 _TAG_NAME = re.compile(r"/?([a-zA-Z][a-zA-Z0-9:-]*)")
 _ATTRIBUTE = re.compile(r"""\s(id|class)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.I)
+
+# The charsets mail is written in, as canonical codec names; all decode in linear time.
+# Not here, on purpose: utf-7, hz, iso-2022-kr/cn (escape-based, dropped by the WHATWG
+# Encoding Standard), and every codec that is no charset (punycode, idna, *_codec, ...).
+ALLOWED_CHARSETS = frozenset(
+    codecs.lookup(label).name
+    for label in (
+        "utf-8", "us-ascii", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+        "utf-32-be", "iso-8859-1", "iso-8859-2", "iso-8859-3", "iso-8859-4", "iso-8859-5",
+        "iso-8859-6", "iso-8859-7", "iso-8859-8", "iso-8859-9", "iso-8859-10", "iso-8859-11",
+        "iso-8859-13", "iso-8859-14", "iso-8859-15", "iso-8859-16", "windows-1250",
+        "windows-1251", "windows-1252", "windows-1253", "windows-1254", "windows-1255",
+        "windows-1256", "windows-1257", "windows-1258", "cp874", "koi8-r", "koi8-u", "cp866",
+        "cp437", "cp850", "mac-roman", "mac-cyrillic", "tis-620", "gb2312", "gbk", "gb18030",
+        "big5", "big5hkscs", "cp950", "shift_jis", "cp932", "shift_jis_2004", "euc-jp",
+        "euc_jis_2004", "iso-2022-jp", "iso-2022-jp-2", "euc-kr", "cp949",
+    )
+)  # fmt: skip
 
 # U+00A0 reads as a space; zero-width characters, the BOM and NUL read as nothing
 # (PostgreSQL text cannot hold NUL, and no person types one).
@@ -137,6 +208,11 @@ class ParsedReply:
     text: str
     first_line: str
     malformed: str | None = None  # why the message cannot be read safely, if it cannot
+    from_error: str | None = None  # why From names no one mailbox (then from_address is None)
+
+
+class _Unsafe(Exception):
+    """Reading on would be unsafe (a charset not allowed); the message says why."""
 
 
 def parse_reply(
@@ -147,23 +223,32 @@ def parse_reply(
     own_domains: Collection[str] = (),
 ) -> ParsedReply:
     """Parse one raw message; ``envelope_from`` is the SMTP MAIL FROM (None or "" if null)."""
-    # The stdlib's MIME parser slows quadratically with nesting and recurses once per
-    # level; a person's reply has a handful of boundaries, so past the cap only the
-    # headers are read.
     raw = bytes(raw)
-    simple = raw.lower().count(b"boundary") <= _MAX_BOUNDARIES
-    # One parse with the stdlib's compat32 policy (the one mail-parser uses too),
-    # headers decoded with mail-parser's helpers; the slower header-object policy
-    # and mail-parser's full parse are not needed on this path.
-    message = _parse_with_stdlib(raw, headers_only=not simple)
-    headers = _read_headers(message)
-    body = _body(message)
-    if simple and not body.strip():
-        body = _body_from_mailparser(_parse_with_mailparser(raw))
+    try:
+        from_address, from_error = senders.sender_of(raw).encode().lower().decode(), None
+    except senders.BadSender as refused:
+        from_address, from_error = None, str(refused)
+    head = _HEADER_END.search(raw)
+    parsed = raw[: (head.end() if head else len(raw)) + _MAX_BODY_BYTES]
+    malformed = _unsafe_to_parse(parsed)
+    # One parse with the stdlib's compat32 policy, which decodes nothing by itself.
+    if malformed or not _simple(parsed):
+        message = _parse_with_stdlib(raw[: head.end() if head else None], headers_only=True)
+    else:
+        message = _parse_with_stdlib(parsed, headers_only=False)
+    headers, unsafe_header = _read_headers(message, decode=malformed is None)
+    malformed = malformed or unsafe_header
+    body = ""
+    if malformed is None:
+        try:
+            body = _body(message)
+        except _Unsafe as unsafe:
+            malformed = str(unsafe)
+    headers["from"] = from_address or ""  # machine_reason reads the strict address only
     text = extract_new_text(body)
     return ParsedReply(
         message_id=next(iter(_message_ids(headers.get("message-id", ""))), None),
-        from_address=_addr_spec(headers.get("from", "")),
+        from_address=from_address,
         subject=" ".join(headers.get("subject", "").split()),
         in_reply_to=_message_ids(headers.get("in-reply-to", "")),
         references=_message_ids(headers.get("references", "")),
@@ -175,6 +260,38 @@ def parse_reply(
         ),
         text=text,
         first_line=next((line.strip() for line in text.split("\n") if line.strip()), ""),
+        malformed=malformed,
+        from_error=from_error,
+    )
+
+
+def _unsafe_to_parse(raw: bytes) -> str | None:
+    """Why handing ``raw`` to the stdlib's parser, or decoding it, would be unsafe; or None."""
+    labels: set[bytes] = set()
+    for found in _CHARSET_LABEL.finditer(raw):
+        labels.add((found[1] or found[2] or found[3]).lower())
+        if len(labels) > _MAX_CHARSETS:
+            return f"more than {_MAX_CHARSETS} charsets named"
+    try:
+        for label in labels:
+            _codec(label.decode("latin-1"))
+    except _Unsafe as unsafe:
+        return str(unsafe)
+    for field in _MIME_FIELD.finditer(raw):
+        if len(field[0]) > _MAX_MIME_FIELD or field[0].count(b";") > _MAX_MIME_PARAMS:
+            return "a Content-Type or Content-Disposition field too long to read safely"
+    return None
+
+
+def _simple(raw: bytes) -> bool:
+    """Whether the stdlib may split the parts: it checks each line against each boundary."""
+    boundaries = raw.lower().count(b"boundary")
+    lines = raw.count(b"\n") + raw.count(b"\r") - raw.count(b"\r\n") + 1
+    delimiters = raw.count(b"\n--") + raw.count(b"\r--")
+    return (
+        boundaries <= _MAX_BOUNDARIES
+        and delimiters <= _MAX_DELIMITERS
+        and boundaries * lines <= _MAX_LINE_CHECKS
     )
 
 
@@ -262,14 +379,6 @@ def _auto_subject(subject: str) -> str | None:
 # --- headers ----------------------------------------------------------------------------
 
 
-def _parse_with_mailparser(raw: bytes) -> Any:
-    try:
-        return mailparser.parse_from_bytes(raw)
-    except Exception:  # MailParserRecursionError and others on hostile input
-        logger.info("mail-parser could not read a message either")
-        return None
-
-
 def _parse_with_stdlib(raw: bytes, *, headers_only: bool) -> Message | None:
     try:
         parser = BytesParser(policy=email.policy.compat32)
@@ -279,29 +388,69 @@ def _parse_with_stdlib(raw: bytes, *, headers_only: bool) -> Message | None:
         return None
 
 
-def _read_headers(message: Message | None) -> dict[str, str]:
+def _read_headers(message: Message | None, *, decode: bool) -> tuple[dict[str, str], str | None]:
+    """The first value of each header read, cut, then decoded; and why one was unsafe, if so."""
     headers: dict[str, str] = {}
+    unsafe: str | None = None
     if message is None:
-        return headers
-    for name in _HEADER_NAMES:
-        value = _header(message, name)
-        if value is not None:
-            headers[name] = value[:_MAX_HEADER_CHARS].replace("\x00", "")
-    return headers
+        return headers, None
+    for name, value in message.raw_items():
+        key = str(name).lower()
+        if key not in _HEADER_NAMES or key in headers:
+            continue
+        cut = str(value)[:_MAX_HEADER_CHARS]  # before decoding: decoding never sees more
+        try:
+            headers[key] = _decode_header(cut, decode_words=decode).replace("\x00", "")
+        except _Unsafe as exc:
+            headers[key], unsafe = "", unsafe or str(exc)
+    return headers, unsafe
 
 
-def _header(message: Message, name: str) -> str | None:
-    """The first value of one header, with encoded words decoded; None when absent."""
+def _decode_header(value: str, *, decode_words: bool) -> str:
+    """A raw header value as text: 8-bit bytes as UTF-8 (RFC 6532) or a legacy charset."""
+    data = value.encode("utf-8", "surrogateescape")  # the parser kept 8-bit bytes as surrogates
+    text = _decode_bytes(data, None, cut=len(value) >= _MAX_HEADER_CHARS)
+    return _decode_words(text) if decode_words else text
+
+
+def _decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words; white space between two of them goes (section 6.2).
+
+    Adjacent words in one charset are decoded together, since clients split a
+    multibyte character across words. A word in a charset not allowed raises `_Unsafe`.
+    """
+    pieces: list[str] = []
+    run, run_charset = bytearray(), ""
+    position, after_word = 0, False
+    for word in _ENCODED_WORD.finditer(value):
+        gap = value[position : word.start()]
+        charset = word[1].partition("*")[0].lower()
+        data = _word_bytes(word[2], word[3])
+        if data is None or charset != run_charset or not after_word or gap.strip(" \t\r\n"):
+            pieces.append(_decode_bytes(bytes(run), run_charset) if run else "")
+            run, run_charset = bytearray(), charset
+            if not after_word or gap.strip(" \t\r\n"):
+                pieces.append(gap)
+        if data is None:  # not decodable: kept as written
+            pieces.append(word[0])
+            after_word = False
+        else:
+            run += data
+            after_word = True
+        position = word.end()
+    pieces.append(_decode_bytes(bytes(run), run_charset) if run else "")
+    pieces.append(value[position:])
+    return "".join(pieces)
+
+
+def _word_bytes(encoding: str, text: str) -> bytes | None:
+    data = text.encode("utf-8", "surrogateescape")
     try:
-        values = message.get_all(name)
-    except Exception:  # a crafted header the parser kept but cannot hand back
+        if encoding in "qQ":
+            return binascii.a2b_qp(data, header=True)
+        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    except (binascii.Error, ValueError):
         return None
-    if not values:
-        return None
-    try:
-        return str(mailparser_utils.decode_header_part(values[0]))
-    except Exception:  # undecodable words: the raw text is still better than nothing
-        return str(values[0])
 
 
 def _message_ids(value: str) -> tuple[str, ...]:
@@ -311,19 +460,13 @@ def _message_ids(value: str) -> tuple[str, ...]:
 
 
 def _address(value: str) -> str:
-    """The first address in a From-like header value, lowercased, or ""."""
+    """The address of a From-like header value, lowercased: read strictly, else the first
+    address-like word (machine mail is told apart with it, never a sender trusted), or ""."""
     try:
-        candidates = [address for _, address in getaddresses([value]) if address]
-    except Exception:  # getaddresses has raised on crafted input in some releases
-        candidates = []
-    candidates += _ADDRESS.findall(value)
-    with_domain = [c for c in candidates if "@" in c]
-    return (with_domain or candidates or [""])[0].strip().lower()
-
-
-def _addr_spec(value: str) -> str | None:
-    address = _address(value)
-    return address if "@" in address else None
+        return senders.mailbox(value).lower()
+    except senders.BadSender:
+        found = _ADDRESS.search(value[:_MAX_HEADER_CHARS])
+        return found[0].lower() if found else ""
 
 
 # --- body -------------------------------------------------------------------------------
@@ -332,6 +475,8 @@ def _addr_spec(value: str) -> str | None:
 def _body(message: Message | None) -> str:
     try:
         return _body_from_message(message) if message is not None else ""
+    except _Unsafe:
+        raise
     except Exception:  # a MIME tree malformed beyond what the stdlib tolerates
         logger.info("the stdlib could not walk a message body")
         return ""
@@ -350,18 +495,6 @@ def _body_from_message(message: Message) -> str:
     return html_to_text(html) if html else ""
 
 
-def _body_from_mailparser(parsed: Any) -> str:
-    # mail-parser recovers parts the stdlib leaves in a broken multipart's epilogue.
-    try:
-        plain = [text for text in parsed.text_plain if text.strip()]
-        html = [text for text in parsed.text_html if text.strip()]
-    except Exception:  # no parse at all, or a half-built one
-        return ""
-    if plain:
-        return str(plain[0])[:MAX_PART_CHARS]
-    return html_to_text(str(html[0])) if html else ""
-
-
 def _inline_text_parts(message: Message) -> Iterator[Message]:
     """Text parts in document order, not looking into attachments or attached messages."""
     stack: list[tuple[Message, int]] = [(message, 0)]
@@ -376,7 +509,10 @@ def _inline_text_parts(message: Message) -> Iterator[Message]:
         if maintype == "multipart" and isinstance(payload, list) and depth < _MAX_MIME_DEPTH:
             children = [child for child in payload if isinstance(child, Message)]
             stack.extend((child, depth + 1) for child in reversed(children))
-        elif maintype == "text":
+        elif maintype == "text" or (
+            # A garbled type ("te\xffxt/plain") with a text subtype is read as text.
+            maintype not in _MAINTYPES and part.get_content_subtype() in ("plain", "html")
+        ):
             yield part
 
 
@@ -390,29 +526,51 @@ def _decode_part(part: Message) -> str:
         return ""
     if not isinstance(payload, bytes):
         return ""
-    text = _decode_bytes(payload, charset)[:MAX_PART_CHARS].replace("\r\n", "\n")
+    cut = len(payload) > _MAX_PART_BYTES  # before decoding: decoding never sees more
+    text = _decode_bytes(payload[:_MAX_PART_BYTES], charset, cut=cut)
+    text = text[:MAX_PART_CHARS].replace("\r\n", "\n")
     if flowed and part.get_content_subtype() == "plain":
         text = _unflow(text, delsp=delsp)
     return text
 
 
-def _decode_bytes(payload: bytes, charset: str | None) -> str:
+def _decode_bytes(payload: bytes, charset: str | None, *, cut: bool = False) -> str:
     """Decode with the declared charset, else UTF-8, else windows-1252, else latin-1.
 
     Strict at each step, so a wrong or unknown label (``x-unknown``) falls through
     to the next guess instead of filling the text with replacement characters;
-    latin-1 decodes any byte, so the chain always ends with text.
+    latin-1 decodes any byte, so the chain always ends with text. A charset that
+    is not allowed raises `_Unsafe`. ``cut``: the bytes were cut, so a character
+    they end in the middle of is dropped rather than failing the charset.
     """
-    for candidate in (charset, "utf-8", "windows-1252"):
+    for candidate in (_codec(charset), "utf-8", "cp1252"):
         if not candidate:
             continue
         try:
-            text = payload.decode(candidate)
+            text = codecs.getincrementaldecoder(candidate)().decode(payload, final=not cut)
             text.encode("utf-8")  # some codecs yield lone surrogates, which are not text
-        except (LookupError, UnicodeError, ValueError):
+        except (UnicodeError, ValueError):
             continue
         return text
     return payload.decode("latin-1")
+
+
+def _codec(label: str | None) -> str | None:
+    """The allowed codec a charset label names; None if none or unknown; `_Unsafe` if forbidden."""
+    if not label:
+        return None
+    name = _canonical(label.strip().strip('"').lower()[:64])
+    if name is not None and name not in ALLOWED_CHARSETS:
+        raise _Unsafe(f"charset {name} is not allowed")
+    return name
+
+
+@functools.lru_cache(maxsize=512)
+def _canonical(label: str) -> str | None:
+    try:
+        return codecs.lookup(label).name
+    except (LookupError, ValueError):  # unknown, or a NUL in the label
+        return None
 
 
 def _unflow(text: str, *, delsp: bool) -> str:
