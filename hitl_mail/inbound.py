@@ -253,6 +253,9 @@ class EdgeSMTP(SMTP):
             self._admitted = True
         super().connection_made(transport)
 
+    def eof_received(self) -> bool | None:
+        return False if self._refused else super().eof_received()
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return  # aiosmtpd never saw this connection

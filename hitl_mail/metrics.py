@@ -60,6 +60,14 @@ REFUSAL_REASONS = (
     "expired",
     "machine_mail",
     "duplicate",
+    # Refused by the SMTP edge's rules and limits (inbound.py, edgeguard.py).
+    "bare_address",
+    "link_expired",
+    "request_closed",
+    "request_busy",
+    "too_many_recipients",
+    "throttled",
+    "too_many_connections",
 )
 LLM_RESULTS = ("ok", "invalid", "error", "timeout")
 
