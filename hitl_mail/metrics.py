@@ -57,6 +57,7 @@ REFUSAL_REASONS = (
     "bad_token",
     "oversize",
     "wrong_sender",
+    "unauthenticated",  # [inbound.authentication] not passed
     "expired",
     "machine_mail",
     "duplicate",
