@@ -9,6 +9,15 @@ mail → check the sender against the token, then its authentication
 confirmation, and mark the stored reply done, all in one transaction. Nothing
 here ever mails the sender of a reply whose From does not match the token:
 that is how a forged reply stays harmless.
+
+The parse runs in a worker process with a time bound (parsing.py); a reply
+that could not be read safely is refused as malformed before anything else.
+Fairness: stored replies are claimed taking turns per request, never more
+than one of a request at a time (store.claim_inbound), so a flood aimed at
+some requests waits behind one reply to each other request. Every check up
+to the decision is cheap; a reply that needs the LLM then leaves its slot
+for a lane of its own (`[llm].concurrency` at once), so the `concurrency`
+slots never all sit on LLM calls and exact answers never wait behind them.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from hitl_mail.intake import addressing, content_of, reply_to_of, sender
 from hitl_mail.metrics import Metrics
 from hitl_mail.models import FeedbackRequest, InboundMessage, RequestStatus, utcnow
 from hitl_mail.outbound import queue_row
-from hitl_mail.outcomes import Decision, LLMSettings, decide
-from hitl_mail.replies import ParsedReply, parse_reply
+from hitl_mail.outcomes import Decision, LLMSettings, decide, exact_match
+from hitl_mail.parsing import Ours, Parsers
+from hitl_mail.replies import ParsedReply
 from hitl_mail.store import Store, Transition, audit_event
 from hitl_mail.waiting import Arrivals, Coalesce, idle, let_flood_pass
 
@@ -41,6 +51,10 @@ LEASE = timedelta(seconds=20)
 RENEW_EVERY = 5.0
 RETRY_AFTER = timedelta(minutes=5)  # a reply whose processing raised is taken again then
 ERROR_MAIL_WINDOW = timedelta(days=1)
+ERROR_MAILS_PER_REQUEST = 3  # in ERROR_MAIL_WINDOW, whatever their kinds
+# Replies waiting for the LLM lane at most; more are handed back for DEFER_FOR.
+LLM_BACKLOG = 64
+DEFER_FOR = timedelta(seconds=5)
 # Characters of a reply kept in the audit trail: its new text only, never the raw
 # message or the quoted history (SPEC 9); audit_event redacts any token in it.
 TEXT_KEPT = 20_000
@@ -65,6 +79,18 @@ class _Checked:
     request: FeedbackRequest | None
     issued_to: str = ""
     refused: str | None = None  # the refusal's result, already recorded
+
+
+class _Slot:
+    """One of the stage's `concurrency` slots, held by a reply until it is released (once)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 @dataclass(frozen=True)
@@ -106,8 +132,19 @@ class Answering:
         self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.dnsfunc: authentication.DnsFunc = authentication.system_dns  # DKIM key lookups
         self._slots = asyncio.Semaphore(concurrency)
+        self._llm_slots = asyncio.Semaphore(config.llm.concurrency)
+        self._llm_waiting = 0  # replies in the LLM lane, deciding or waiting to
         self._tasks: set[asyncio.Task[None]] = set()
-        self._held: set[int] = set()  # claimed and not yet finished: leases to renew
+        # Claimed and not yet finished, with their requests: leases to renew,
+        # and requests not to claim another reply of meanwhile.
+        self._held: dict[int, str | None] = {}
+        self.parsers = Parsers(
+            Ours(
+                frozenset({config.outbound.from_addr_spec}),
+                frozenset({config.inbound.reply_domain.lower()}),
+            ),
+            timeout=config.inbound.parse_timeout.total_seconds(),
+        )
         # Answers decided at about the same time are recorded in one transaction;
         # if it fails, each is tried alone, so one bad row does not fail the rest.
         self._recording = Coalesce(
@@ -115,20 +152,22 @@ class Answering:
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
+        self.parsers.start()  # from the loop's thread, which lives as long as the stage
         renewing = asyncio.create_task(self._keep_leases())
         try:
             while not stopping.is_set():
                 self.wakeup.clear()
                 waited = await let_flood_pass(self.arrivals, stopping, "answering")
-                rows = await asyncio.to_thread(self.store.claim_inbound, BATCH, LEASE)
-                self._held.update(row.id for row in rows if row.id is not None)
+                busy = {request_id for request_id in self._held.values() if request_id}
+                rows = await asyncio.to_thread(self.store.claim_inbound, BATCH, LEASE, busy)
+                self._held.update((row.id, row.request_id) for row in rows if row.id is not None)
                 for row in rows:
                     # A flood that starts during a batch holds the rest of it
                     # (leased, renewed) until it has passed: once per batch.
                     if not waited:
                         waited = await let_flood_pass(self.arrivals, stopping, "answering")
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._process_released(row))
+                    task = asyncio.create_task(self._process_released(row, _Slot(self._slots)))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 if not rows:
@@ -141,6 +180,7 @@ class Answering:
                 )
         finally:
             renewing.cancel()
+            self.parsers.close()
 
     async def _keep_leases(self) -> None:
         while True:
@@ -148,32 +188,54 @@ class Answering:
             if self._held:
                 await asyncio.to_thread(self.store.renew_inbound_leases, list(self._held), LEASE)
 
-    async def _process_released(self, row: InboundMessage) -> None:
+    async def _process_released(self, row: InboundMessage, slot: _Slot) -> None:
         try:
-            await self.process(row)
+            await self.process(row, slot)
         except Exception:
             log.exception(
                 "reply %s: processing failed; it stays stored and is retried after its lease",
                 row.id,
             )
             if row.id is not None:
-                self._held.discard(row.id)  # no longer renewed: the retry waits RETRY_AFTER
+                self._held.pop(row.id, None)  # no longer renewed: the retry waits RETRY_AFTER
                 with contextlib.suppress(Exception):  # else it is retried after LEASE
                     await asyncio.to_thread(self.store.renew_inbound_leases, [row.id], RETRY_AFTER)
         finally:
-            self._held.discard(row.id or 0)
-            self._slots.release()
+            self._held.pop(row.id or 0, None)
+            slot.release()
+            self.wakeup.set()  # the next reply to the same request may be claimed now
 
-    async def process(self, row: InboundMessage) -> str:
+    async def process(self, row: InboundMessage, slot: _Slot | None = None) -> str:
         """Answer the request `row` replies to, or record why not; the result's name.
 
-        Worker-thread hops: one for everything up to the decision (parse, find
-        the request, the checks, and a refusal's records), then one shared by
-        the answers recorded together (`_recording`).
+        The parse goes to a worker process (`parsers`); then one worker-thread
+        hop for everything up to the decision (find the request, the checks,
+        and a refusal's records), then one shared by the answers recorded
+        together (`_recording`). A reply that needs the LLM gives back its
+        `slot` and waits for the LLM lane; "deferred" when that lane is full
+        (the reply is taken again after DEFER_FOR).
         """
         assert row.id is not None
-        checked = await asyncio.to_thread(self._check, row)
-        result = checked.refused or await self._decide_and_record(row, checked)
+        parsed = await self.parsers.parse(row.raw, row.envelope_from)
+        checked = await asyncio.to_thread(self._check, row, parsed)
+        if checked.refused:
+            result = checked.refused
+        elif not self._needs_llm(checked):
+            result = await self._decide_and_record(row, checked)
+        elif self._llm_waiting >= LLM_BACKLOG:
+            self._held.pop(row.id, None)
+            await asyncio.to_thread(self.store.renew_inbound_leases, [row.id], DEFER_FOR)
+            log.info("reply %s: the LLM lane is full; taken again later", row.id)
+            return "deferred"
+        else:
+            if slot is not None:
+                slot.release()
+            self._llm_waiting += 1
+            try:
+                async with self._llm_slots:
+                    result = await self._decide_and_record(row, checked)
+            finally:
+                self._llm_waiting -= 1
         request_id = checked.request.id if checked.request else None
         log.info(
             "reply %s (%s) for request %s: %s",
@@ -187,15 +249,14 @@ class Answering:
         self.on_processed()  # an answer to resume, or a confirmation or error email to send
         return result
 
-    def _check(self, row: InboundMessage) -> _Checked:
-        """Parse, find the request, check the reply may answer it; a refusal is recorded here."""
-        parsed = parse_reply(
-            row.raw,
-            envelope_from=row.envelope_from,
-            own_addresses={self.config.outbound.from_addr_spec},
-            own_domains={self.config.inbound.reply_domain.lower()},
-        )
+    def _check(self, row: InboundMessage, parsed: ParsedReply) -> _Checked:
+        """Find the request, check the reply may answer it; a refusal is recorded here."""
         request: FeedbackRequest | None = None
+        if parsed.malformed is not None:  # before anything else reads what it says
+            if row.request_id is not None:
+                request = self.store.find(row.request_id, with_state=False)
+            self._refuse(row, parsed, request, Refusal("malformed", parsed.malformed))
+            return _Checked(parsed, request, refused="malformed")
         try:
             token, request = self._locate(row, parsed)
             issued_to = self._admissible(row, parsed, token, request)
@@ -269,6 +330,13 @@ class Answering:
             raise Refusal("already_answered", request.status)
         return issued_to
 
+    @staticmethod
+    def _needs_llm(checked: _Checked) -> bool:
+        """Whether deciding takes an LLM call: as `outcomes.decide` would, without it."""
+        emit = checked.request.emit if checked.request else None
+        feedback = checked.parsed.first_line
+        return bool(emit) and bool(feedback.strip()) and exact_match(feedback, emit or ()) is None
+
     async def _decide_and_record(self, row: InboundMessage, checked: _Checked) -> str:
         parsed, request, issued_to = checked.parsed, checked.request, checked.issued_to
         assert request is not None
@@ -290,7 +358,8 @@ class Answering:
                     "llm_calls": decision.llm_calls,
                 },
             )
-            tell = self._tell(request, issued_to, "undecided", detail=decision.detail)
+            # Why (the LLM's answer, the provider's error) is for the audit trail only.
+            tell = self._tell(request, issued_to, "undecided")
             return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
         if not await self._recording(_Answer(row, parsed, request, issued_to, decision)):
 
@@ -406,15 +475,21 @@ class Answering:
     def _tell(
         self, request: FeedbackRequest, to: str, kind: compose.ErrorKind, **extra: Any
     ) -> Callable[[], None]:
-        """A thunk that queues one error email, at most one per address, kind and day.
+        """A thunk that queues one error email: per request, one per address and kind a day.
 
-        Rejection mail is how servers get blocklisted, so it is rate-limited;
-        and it only ever goes to the address the token was issued to.
+        Rejection mail is how servers get blocklisted, so it is rate-limited,
+        per request so that one error never hides feedback on another: one
+        mail per address and kind, ERROR_MAILS_PER_REQUEST in all, a day. It
+        only ever goes to the address the token was issued to.
         """
 
         def queue() -> None:
             mail_kind = f"error:{kind}"
-            if self.store.recent_mail_exists(to, mail_kind, None, utcnow() - ERROR_MAIL_WINDOW):
+            since = utcnow() - ERROR_MAIL_WINDOW
+            if (
+                self.store.recent_mail_exists(to, mail_kind, request.id, since)
+                or self.store.error_mails_since(request.id, since) >= ERROR_MAILS_PER_REQUEST
+            ):
                 self.store.audit(
                     request.id,
                     "error_mail_suppressed",

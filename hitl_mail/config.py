@@ -180,6 +180,10 @@ class InboundSettings(_Section):
     # 15 + separator + 48-character token = 64, the local-part limit of RFC 5321 4.5.3.1.1.
     local_part: str = Field(default="reply", pattern=r"^[a-z0-9]{1,15}$")
     separator: Literal["+", "-"] = "+"
+    # Longest a stored reply may take to read (parsing.py); a slower one is refused as malformed.
+    parse_timeout: Duration = Field(
+        default=timedelta(seconds=5), gt=timedelta(0), le=timedelta(minutes=10)
+    )
     # A reply is a few KB; 1 MB leaves room for an HTML reply quoting the notification.
     max_message_size: Size = Field(default=1000**2, gt=0)
     tls_cert: Path | None = None
@@ -258,6 +262,8 @@ class LLMConfig(_Section):
     api_key: str | None = None
     timeout: Duration = timedelta(seconds=30)
     retries: int = Field(default=2, ge=0, le=10)
+    # Replies decided by the LLM at once; exact answers never wait for these.
+    concurrency: int = Field(default=4, ge=1, le=64)
 
 
 class RuleMatch(_Section):

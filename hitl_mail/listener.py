@@ -39,7 +39,7 @@ STOP = b"stop"
 START_TIMEOUT = 60.0
 
 _forkserver = multiprocessing.get_context("forkserver")
-_forkserver.set_forkserver_preload(["hitl_mail.listener", "hitl_mail.inbound"])
+_forkserver.set_forkserver_preload(["hitl_mail.listener", "hitl_mail.inbound", "hitl_mail.parsing"])
 
 
 class ListenerProcess:

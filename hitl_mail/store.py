@@ -498,6 +498,18 @@ class Store:
         with self.reading() as session:
             return session.exec(query).first() is not None
 
+    def error_mails_since(self, request_id: str, since: datetime) -> int:
+        """How many error mails were queued about a request since `since`."""
+        query = (
+            select(func.count())
+            .select_from(OutboxMessage)
+            .where(OutboxMessage.request_id == request_id)
+            .where(col(OutboxMessage.kind).startswith("error:"))
+            .where(col(OutboxMessage.created_at) >= since)
+        )
+        with self.reading() as session:
+            return int(session.exec(query).one())
+
     def outbox_for(self, request_id: str) -> list[OutboxMessage]:
         query = (
             select(OutboxMessage)

@@ -232,6 +232,7 @@ def test_a_reply_racing_the_deadline_yields_exactly_one_answer_every_time(
         assert answered.status == RequestStatus.ANSWERED
         assert _events(store, request.id).count("answered") == 1
         winners[answered.source or ""] += 1
+    answering.parsers.close()
     assert sum(winners.values()) == 25
 
 
