@@ -54,7 +54,7 @@ class App:
         self.metrics = Metrics(
             request_counts=self.store.counts_by_status,
             ready=lambda: self.ready,
-            request_statuses=RequestStatus.ALL,
+            request_statuses=tuple(RequestStatus),
         )
         self.outbox = Outbox(
             self.store, config.outbound, config.daemon.poll_interval, observe=self._observe_send

@@ -213,9 +213,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from hitl_mail.actions import retry_resume
+
     store = _store(_config(args))
     request = store.get(args.id)
-    if not store.retry_resume(request.id, actor="cli"):
+    if not retry_resume(store, request.id, actor="cli"):
         print(
             f"request {request.id} is {request.status}, not resume_failed; nothing to retry",
             file=sys.stderr,

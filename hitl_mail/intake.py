@@ -12,9 +12,9 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from hitl_mail import compose, deadlines, tokens, webhooks
+from hitl_mail import compose, deadlines, tokens, transitions
 from hitl_mail.config import Config
-from hitl_mail.models import FeedbackRequest, OutboxMessage, RequestStatus, WebhookEvent, utcnow
+from hitl_mail.models import Audit, FeedbackRequest, OutboxMessage, utcnow
 from hitl_mail.outbound import queue_row
 from hitl_mail.routing import Assignment, RoutingError, route
 from hitl_mail.store import Store, audit_event
@@ -74,27 +74,19 @@ def create_request(
             config.routing, method_name=request.method_name, flow_class=flow_class, state=state
         )
     except RoutingError as exc:
-        request.status = RequestStatus.UNROUTABLE
-        request.last_error = str(exc)
-        store.add(
-            request,
-            audit_event(request.id, "created", ACTOR),
-            audit_event(request.id, "routing_failed", ACTOR, detail=str(exc)),
-        )
+        transitions.unroutable(store, request, str(exc))
         log.error("request %s unroutable: %s", request.id, exc)
         raise
-    events = [audit_event(request.id, "created", ACTOR, detail={"flow_id": request.flow_id})]
-    events.append(_assign(config, request, assignment, now))
-    _apply_deadline(config, request, now, events)
-    outbox = notification_row(config, request)
-    store.add(
+    assigned = _assign(config, request, assignment, now)
+    planned: list[Any] = []
+    _apply_deadline(config, request, now, planned)
+    transitions.created(
+        store,
         request,
-        *events,
-        outbox,
-        audit_event(request.id, "notification_queued", ACTOR, detail={"to": request.assigned_to}),
-        *webhooks.event_rows(
-            config.webhooks, webhooks.event_payload(WebhookEvent.NEW_REQUEST, request)
-        ),
+        assigned=assigned,
+        notification=notification_row(config, request),
+        also=planned,
+        events=transitions.events_of(config),
     )
     log.info(
         "request %s created for %s.%s, assigned to %s",
@@ -129,7 +121,6 @@ def reply_to_of(config: Config, request: FeedbackRequest) -> str | None:
 def _new_request(context: dict[str, Any], state: Any, now: datetime) -> FeedbackRequest:
     return FeedbackRequest(
         id=tokens.new_request_id(),
-        status=RequestStatus.PENDING,
         flow_id=str(context.get("flow_id") or "unknown"),
         flow_class=str(context["flow_class"]),
         method_name=str(context["method_name"]),
@@ -145,17 +136,15 @@ def _new_request(context: dict[str, Any], state: Any, now: datetime) -> Feedback
     )
 
 
-def _assign(config: Config, request: FeedbackRequest, assignment: Assignment, now: datetime) -> Any:
+def _assign(
+    config: Config, request: FeedbackRequest, assignment: Assignment, now: datetime
+) -> dict[str, Any]:
+    """Give the request its assignee and token; what the `assigned` audit event says."""
     request.assigned_to = assignment.address.lower()
     request.routing_rule = assignment.rule
     request.token = tokens.mint(request.id, request.assigned_to, config.secret_keys, now)
     request.notification_id = compose.make_message_id(config.outbound.domain)
-    return audit_event(
-        request.id,
-        "assigned",
-        ACTOR,
-        detail={"to": request.assigned_to, "rule": assignment.rule, "via": assignment.via},
-    )
+    return {"to": request.assigned_to, "rule": assignment.rule, "via": assignment.via}
 
 
 def _apply_deadline(
@@ -171,7 +160,7 @@ def _apply_deadline(
         created_at=now,
     )
     for problem in planned.problems:
-        events.append(audit_event(request.id, "config_error", ACTOR, detail=problem))
+        events.append(audit_event(request.id, Audit.CONFIG_ERROR, ACTOR, detail=problem))
         log.error("request %s: %s", request.id, problem)
     if planned.problems:
         request.last_error = "; ".join(planned.problems)

@@ -49,14 +49,46 @@ def _json() -> Any:
     return Field(default=None, sa_column=Column(sa.JSON, nullable=True))
 
 
-class RequestStatus:
+class RequestStatus(StrEnum):
+    """Where a request is in its life (SPEC 6); only transitions.py moves a request between them."""
+
     PENDING = "pending"
     ANSWERED = "answered"
     RESUMED = "resumed"
     RESUME_FAILED = "resume_failed"
     CANCELLED = "cancelled"
     UNROUTABLE = "unroutable"
-    ALL = (PENDING, ANSWERED, RESUMED, RESUME_FAILED, CANCELLED, UNROUTABLE)
+
+
+class AnswerSource(StrEnum):
+    """Where an answer came from (the request's `source`, SPEC 6)."""
+
+    EMAIL = "email"
+    API = "api"
+    WEB = "web"
+    AUTO = "auto"
+
+
+class Audit(StrEnum):
+    """The names of audit trail events (`requests show`); a refused reply is `reply_<kind>`."""
+
+    CREATED = "created"
+    ROUTING_FAILED = "routing_failed"
+    ASSIGNED = "assigned"
+    CONFIG_ERROR = "config_error"
+    NOTIFICATION_QUEUED = "notification_queued"
+    REMINDER_QUEUED = "reminder_queued"
+    ESCALATED = "escalated"
+    ANSWERED = "answered"
+    CANCELLED = "cancelled"
+    RESUMED = "resumed"
+    RESUME_FAILED = "resume_failed"
+    RESUME_RETRY_REQUESTED = "resume_retry_requested"
+    ERROR_MAIL_QUEUED = "error_mail_queued"
+    ERROR_MAIL_SUPPRESSED = "error_mail_suppressed"
+    EMAIL_SENT = "email_sent"
+    EMAIL_RETRY = "email_retry"
+    EMAIL_FAILED = "email_failed"
 
 
 class FeedbackRequest(SQLModel, table=True):
@@ -65,7 +97,8 @@ class FeedbackRequest(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_requests_resumable", "status", "answered_at"),)
 
     id: str = Field(primary_key=True, max_length=32)
-    status: str = Field(index=True, max_length=20)
+    # Written only by transitions.py (a new request is pending until it is stored).
+    status: str = Field(default=RequestStatus.PENDING, index=True, max_length=20)
     flow_id: str = Field(index=True, max_length=200)
     flow_class: str = Field(max_length=400)
     method_name: str = Field(max_length=200)

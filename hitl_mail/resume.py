@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from hitl_mail import transitions
 from hitl_mail.config import Config
-from hitl_mail.models import FeedbackRequest, RequestStatus, utcnow
-from hitl_mail.store import Resumable, Store, audit_event
+from hitl_mail.models import FeedbackRequest, utcnow
+from hitl_mail.store import Resumable, Store
 from hitl_mail.waiting import Arrivals, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def resume_request(request_id: str, attempts: int) -> ResumeResult:
     """
     global _resumed
     assert _worker is not None, "init_worker was not run"
-    _, store = _worker
+    config, store = _worker
     try:
         request = store.get(request_id)
         flow = restore(request, store)
@@ -114,7 +115,7 @@ def resume_request(request_id: str, attempts: int) -> ResumeResult:
             raise
         result = ResumeResult(ok=False, error=traceback.format_exc(limit=30))
     try:
-        record_result(store, request_id, attempts, result)
+        record_result(store, request_id, attempts, result, transitions.events_of(config))
     except Exception:
         return result
     finally:
@@ -321,8 +322,9 @@ class Resumer:
         finally:
             renew.cancel()
         if not result.recorded:
+            events = transitions.events_of(self.config)
             await asyncio.to_thread(
-                record_result, self.store, request.id, request.resume_attempts, result
+                record_result, self.store, request.id, request.resume_attempts, result, events
             )
         self._report(request, result)
         self.observe(result.ok)
@@ -353,47 +355,24 @@ class Resumer:
             await asyncio.to_thread(self.store.renew_lease, request_id, LEASE)
 
 
-def record_result(store: Store, request_id: str, attempts: int, result: ResumeResult) -> None:
-    """Mark the request resumed, or failed with its retry time; append the audit event."""
-    now = utcnow()
+def record_result(
+    store: Store,
+    request_id: str,
+    attempts: int,
+    result: ResumeResult,
+    events: transitions.Events | None = None,
+) -> None:
+    """Mark the request resumed, or failed with its retry time (transitions.py writes both)."""
     if result.ok:
         detail = {"paused_again": result.paused_again, "result": result.summary}
-        store.transition(
-            request_id,
-            [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
-            {
-                "status": RequestStatus.RESUMED,
-                "resumed_at": now,
-                "lease_until": None,
-                "last_error": None,
-            },
-            [audit_event(request_id, "resumed", "hitl-mail", detail=detail)],
-        )
+        transitions.resumed(store, request_id, detail, events)
         return
     attempts += 1
-    retry_at = now + RETRY_BASE * 2 ** (attempts - 1) if retried_automatically(attempts) else None
-    store.transition(
-        request_id,
-        [RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED],
-        {
-            "status": RequestStatus.RESUME_FAILED,
-            "resume_attempts": attempts,
-            "resume_after": retry_at,
-            "lease_until": None,
-            "last_error": result.error,
-        },
-        [
-            audit_event(
-                request_id,
-                "resume_failed",
-                "hitl-mail",
-                detail={
-                    "attempt": attempts,
-                    "retry_at": retry_at.isoformat() if retry_at else None,
-                    "error": result.error,
-                },
-            )
-        ],
+    retry_at = (
+        utcnow() + RETRY_BASE * 2 ** (attempts - 1) if retried_automatically(attempts) else None
+    )
+    transitions.resume_failed(
+        store, request_id, attempt=attempts, retry_at=retry_at, error=result.error, events=events
     )
 
 

@@ -90,6 +90,11 @@ class Transition(NamedTuple):
     values: dict[str, Any]
     also: tuple[Any, ...] = ()
     finish_inbound: tuple[int, str] | None = None  # (inbound id, result): mark that reply done
+    # Rows made inside the transaction once the change won (an event carrying
+    # the request as it now is), and whether the request's timers stop with it.
+    then: Callable[[Session], Sequence[Any]] | None = None
+    stop_timers: bool = False
+    expect: tuple[tuple[str, Any], ...] = ()  # (column, value): further conditions to move
 
 
 @dataclass(frozen=True)
@@ -321,23 +326,11 @@ class Store:
         inbound row), as if it had been made alone. If any statement fails,
         nothing is written.
         """
-        won: list[bool] = []
-        rows: list[Any] = []
-        finished: list[tuple[int, str, str | None]] = []
         with self.session() as session:
-            for change in changes:
-                moved = advance(session, change.request_id, change.from_status, change.values)
-                won.append(moved)
-                if moved:
-                    rows.extend(change.also)
-                    if change.finish_inbound is not None:
-                        finished.append((*change.finish_inbound, change.request_id))
+            won = apply(session, changes)
             if not any(won):
                 session.rollback()
                 return won
-            insert_rows(session, rows)
-            if finished:
-                _finish_inbound(session, finished)
             session.commit()
         return won
 
@@ -350,26 +343,17 @@ class Store:
         return [Resumable(*row) for row in rows]
 
     def renew_lease(self, request_id: str, lease: timedelta) -> None:
-        self._set(request_id, lease_until=utcnow() + lease)
+        self._set_lease(request_id, utcnow() + lease)
 
     def release_lease(self, request_id: str) -> None:
-        self._set(request_id, lease_until=None)
+        self._set_lease(request_id, None)
 
-    def retry_resume(self, request_id: str, actor: str) -> bool:
-        """Queue a failed resume again now (after the operator fixed the cause)."""
-        return self.transition(
-            request_id,
-            [RequestStatus.RESUME_FAILED],
-            {"resume_after": utcnow(), "resume_attempts": 0, "lease_until": None},
-            [audit_event(request_id, "resume_retry_requested", actor, "api")],
-        )
-
-    def _set(self, request_id: str, **values: Any) -> None:
+    def _set_lease(self, request_id: str, until: datetime | None) -> None:
         with self.session() as session:
             session.execute(
                 sa.update(FeedbackRequest)
                 .where(col(FeedbackRequest.id) == request_id)
-                .values(**values)
+                .values(lease_until=until)
             )
             session.commit()
 
@@ -396,12 +380,14 @@ class Store:
         with self.reading() as session:
             return list(session.exec(query))
 
-    def fire_timer(self, timer_id: int, act: Callable[[Session, FeedbackRequest], bool]) -> bool:
-        """Claim the timer (the one conditional update that wins) and act on its request, atomically.
+    def fire_timer(
+        self, timer_id: int, act: Callable[[FeedbackRequest], Transition | None]
+    ) -> bool:
+        """Claim the timer (the one conditional update that wins) and change its request, atomically.
 
-        `act` gets the session and the request, adds what it changes and
-        returns False when the request no longer needs it; the timer is
-        marked fired either way, so it never fires twice.
+        `act` gets the request (detached: what it sets on it is not written)
+        and returns the change to make, or None when the request no longer
+        needs it; the timer is marked fired either way, so it never fires twice.
         """
         with self.session() as session:
             claimed = session.execute(
@@ -415,21 +401,13 @@ class Store:
                 return False
             timer = session.get(Timer, timer_id)
             request = session.get(FeedbackRequest, timer.request_id) if timer else None
-            acted = request is not None and act(session, request)
+            change = None
+            if request is not None:
+                session.expunge(request)
+                change = act(request)
+            acted = change is not None and apply(session, [change])[0]
             session.commit()
             return acted
-
-    def cancel_timers(
-        self, session: Session, request_id: str, kinds: Sequence[str] | None = None
-    ) -> None:
-        query = (
-            sa.update(Timer)
-            .where(col(Timer.request_id) == request_id)
-            .where(col(Timer.fired_at).is_(None))
-        )
-        if kinds is not None:
-            query = query.where(col(Timer.kind).in_(list(kinds)))
-        session.execute(query.values(fired_at=utcnow()))
 
     # -- outbox ---------------------------------------------------------------
 
@@ -593,7 +571,7 @@ class Store:
         self, inbound_id: int, result: str, request_id: str | None, also: Sequence[Any] = ()
     ) -> None:
         with self.session() as session:
-            _finish_inbound(session, [(inbound_id, result, request_id)])
+            finish_replies(session, [(inbound_id, result, request_id)])
             session.add_all(also)
             session.commit()
 
@@ -810,23 +788,64 @@ def _insert_ignoring(dialect: str, table: Any, unique_column: str) -> Any:
 
 
 def advance(
-    session: Session, request_id: str, from_status: Sequence[str], values: dict[str, Any]
+    session: Session,
+    request_id: str,
+    from_status: Sequence[str],
+    values: dict[str, Any],
+    expect: tuple[tuple[str, Any], ...] = (),
 ) -> bool:
     """The conditional update behind every state change of a request (see `Store.transition`).
 
     A core UPDATE on the session's connection (same transaction): the ORM's
     bulk-update path, which also synchronises loaded objects, cost more than
-    the rest of answering a reply. Callers that hold the request object set
-    the new values on it themselves (timers.py).
+    the rest of answering a reply. `expect` adds (column, value) conditions.
     """
     requests = FeedbackRequest.__table__  # type: ignore[attr-defined]
     result = session.connection().execute(
         sa.update(requests)
         .where(requests.c.id == request_id)
         .where(requests.c.status.in_(list(from_status)))
+        .where(*(requests.c[name] == value for name, value in expect))
         .values(**values)
     )
     return result.rowcount == 1
+
+
+def apply(session: Session, changes: Sequence[Transition]) -> list[bool]:
+    """Make each change in the session's transaction (not committed); which of them won.
+
+    A change that loses its race writes nothing: neither its rows, nor its
+    reply marked done, nor its `then`.
+    """
+    won: list[bool] = []
+    rows: list[Any] = []
+    finished: list[tuple[int, str, str | None]] = []
+    stopped: list[str] = []
+    for change in changes:
+        moved = advance(
+            session, change.request_id, change.from_status, change.values, change.expect
+        )
+        won.append(moved)
+        if not moved:
+            continue
+        rows.extend(change.also)
+        if change.then is not None:
+            rows.extend(change.then(session))
+        if change.finish_inbound is not None:
+            finished.append((*change.finish_inbound, change.request_id))
+        if change.stop_timers:
+            stopped.append(change.request_id)
+    insert_rows(session, rows)
+    if finished:
+        finish_replies(session, finished)
+    if stopped:
+        session.connection().execute(
+            sa.update(Timer)
+            .where(col(Timer.request_id).in_(stopped))
+            .where(col(Timer.fired_at).is_(None))
+            .values(fired_at=utcnow())
+        )
+    return won
 
 
 def insert_rows(session: Session, rows: Sequence[Any]) -> None:
@@ -859,7 +878,7 @@ _FINISH_INBOUND = (
 )
 
 
-def _finish_inbound(session: Session, finished: Sequence[tuple[int, str, str | None]]) -> None:
+def finish_replies(session: Session, finished: Sequence[tuple[int, str, str | None]]) -> None:
     """Mark stored replies done: (inbound id, result, request id) each, in one statement."""
     session.connection().execute(
         _FINISH_INBOUND,

@@ -19,18 +19,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlmodel import Session
 
-from hitl_mail import compose, tokens
+from hitl_mail import compose, tokens, transitions
 from hitl_mail.config import Config
 from hitl_mail.deadlines import effective_policy
 from hitl_mail.intake import addressing, content_of, notification_row, sender
-from hitl_mail.models import FeedbackRequest, RequestStatus, Timer, TimerKind, utcnow
+from hitl_mail.models import FeedbackRequest, RequestStatus, Timer, TimerKind
 from hitl_mail.outbound import queue_row
-from hitl_mail.store import Store, advance, audit_event
+from hitl_mail.store import Store, Transition
 from hitl_mail.waiting import idle
 
 log = logging.getLogger(__name__)
@@ -50,6 +48,10 @@ class Timers:
         self.scheduler: AsyncIOScheduler | None = None
         self._next: datetime | None = None
         self._due = asyncio.Event()
+
+    @property
+    def events(self) -> transitions.Events | None:
+        return transitions.events_of(self.config)  # the configuration may be reloaded
 
     async def run(self, stopping: asyncio.Event) -> None:
         self.scheduler = AsyncIOScheduler(timezone=UTC, event_loop=asyncio.get_running_loop())
@@ -112,9 +114,9 @@ class Timers:
             self.on_fired(timer.kind)
         return acted
 
-    def _remind(self, session: Session, request: FeedbackRequest) -> bool:
+    def _remind(self, request: FeedbackRequest) -> Transition | None:
         if request.status != RequestStatus.PENDING or not request.token:
-            return False
+            return None
         message = compose.reminder(
             content_of(request),
             sender=sender(self.config),
@@ -122,23 +124,18 @@ class Timers:
             reply_to=addressing(self.config).address(request.token),
             thread_id=request.notification_id or "",
         )
-        session.add(
-            queue_row(
-                message, kind="reminder", request_id=request.id, recipient=request.assigned_to or ""
-            )
+        mail = queue_row(
+            message, kind="reminder", request_id=request.id, recipient=request.assigned_to or ""
         )
-        session.add(
-            audit_event(request.id, "reminder_queued", ACTOR, "auto", {"to": request.assigned_to})
-        )
-        return True
+        return transitions.reminded(request, mail=mail, events=self.events)
 
-    def _escalate(self, session: Session, request: FeedbackRequest) -> bool:
+    def _escalate(self, request: FeedbackRequest) -> Transition | None:
         policy = effective_policy(
             self.config, request.routing_rule, request.method_name, request.flow_class
         )
         new = (policy["escalate_to"] or "").lower()
         if request.status != RequestStatus.PENDING or not new or new == request.assigned_to:
-            return False
+            return None
         old, old_thread = request.assigned_to or "", request.notification_id or ""
         token = tokens.mint(request.id, new, self.config.secret_keys)
         values = {
@@ -146,11 +143,8 @@ class Timers:
             "token": token,
             "notification_id": compose.make_message_id(self.config.outbound.domain),
         }
-        if not advance(session, request.id, [RequestStatus.PENDING], values):
-            return False
-        for name, value in values.items():
+        for name, value in values.items():  # the request is detached: only to compose with
             setattr(request, name, value)
-        session.add(notification_row(self.config, request))
         told = compose.error_mail(
             "reassigned",
             content_of(request),
@@ -160,25 +154,18 @@ class Timers:
             reply_to=None,
             detail=f"It now waits for {new}.",
         )
-        session.add(queue_row(told, kind="error:reassigned", request_id=request.id, recipient=old))
-        session.add(audit_event(request.id, "escalated", ACTOR, "auto", {"from": old, "to": new}))
-        return True
+        mail = [
+            notification_row(self.config, request),
+            queue_row(told, kind="error:reassigned", request_id=request.id, recipient=old),
+        ]
+        return transitions.escalated(
+            request.id, before=old, after=values, mail=mail, events=self.events
+        )
 
-    def _auto_respond(self, session: Session, request: FeedbackRequest) -> bool:
+    def _auto_respond(self, request: FeedbackRequest) -> Transition | None:
         outcome = request.auto_outcome
         if outcome is None:
-            return False
-        now = utcnow()
-        values: dict[str, Any] = {
-            "status": RequestStatus.ANSWERED,
-            "outcome": outcome if request.emit else None,
-            "feedback": "",
-            "source": "auto",
-            "answered_by": ACTOR,
-            "answered_at": now,
-        }
-        if not advance(session, request.id, [RequestStatus.PENDING], values):
-            return False  # a person answered first; their answer stands
+            return None
         to = request.assigned_to or ""
         message = compose.auto_response(
             content_of(request),
@@ -187,18 +174,6 @@ class Timers:
             thread_id=request.notification_id or "",
             outcome=outcome,
         )
-        session.add(queue_row(message, kind="auto-response", request_id=request.id, recipient=to))
-        session.add(
-            audit_event(
-                request.id,
-                "answered",
-                ACTOR,
-                "auto",
-                {
-                    "outcome": outcome,
-                    "deadline": request.deadline.isoformat() if request.deadline else None,
-                },
-            )
-        )
-        self.store.cancel_timers(session, request.id)
-        return True
+        mail = queue_row(message, kind="auto-response", request_id=request.id, recipient=to)
+        # A person who answered first wins: this change then matches no row and writes nothing.
+        return transitions.auto_answered(request, mail=mail, events=self.events)
