@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -55,6 +56,9 @@ def unreadable(why: str) -> ParsedReply:
     )
 
 
+Parse = Callable[..., ParsedReply]  # parse_reply's shape: (raw, *, envelope_from, own_...)
+
+
 @dataclass(frozen=True)
 class Ours:
     """Our own addresses and domains: mail from them is our own (machine mail)."""
@@ -66,10 +70,10 @@ class Ours:
 class _Worker:
     """One worker process and the daemon's end of its pipe."""
 
-    def __init__(self, ours: Ours) -> None:
+    def __init__(self, ours: Ours, parse: Parse) -> None:
         mine, theirs = _forkserver.Pipe(duplex=True)
         self.process: BaseProcess = _forkserver.Process(
-            target=work, args=(theirs, ours), name="hitl-mail-parse", daemon=True
+            target=work, args=(theirs, ours, parse), name="hitl-mail-parse", daemon=True
         )
         try:
             self.process.start()
@@ -113,13 +117,18 @@ class Parsers:
 
     Callable from any event loop (one at a time waits on each worker), so a
     stage run by `asyncio.run` more than once still shares one pool. Workers
-    start at first use or at `start()`; `close()` ends them for good.
+    start at first use or at `start()`; `close()` ends them for good. `parse`
+    is what a worker runs: `parse_reply`, or a module-level function of the
+    same shape (tests bring a slow one).
     """
 
-    def __init__(self, ours: Ours, timeout: float, size: int = WORKERS) -> None:
+    def __init__(
+        self, ours: Ours, timeout: float, size: int = WORKERS, parse: Parse = parse_reply
+    ) -> None:
         self.ours = ours
         self.timeout = timeout
         self.size = size
+        self.parse_function = parse
         self._all: set[_Worker] = set()
         self._idle: list[_Worker] = []
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
@@ -159,7 +168,7 @@ class Parsers:
             self._end(worker, kill=worker not in idle)  # an idle one ends at its pipe's end
 
     def _new(self) -> _Worker:
-        worker = _Worker(self.ours)
+        worker = _Worker(self.ours, self.parse_function)
         self._all.add(worker)
         return worker
 
@@ -217,7 +226,7 @@ def _hand_over(waiter: asyncio.Future[_Worker], worker: _Worker, parsers: Parser
 # -- in the worker ------------------------------------------------------------------------
 
 
-def work(pipe: Connection, ours: Ours) -> None:
+def work(pipe: Connection, ours: Ours, parse: Parse = parse_reply) -> None:
     """The worker's entry point: parse what comes down the pipe until it closes."""
     children.die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -228,7 +237,7 @@ def work(pipe: Connection, ours: Ours) -> None:
         except (EOFError, OSError):
             return
         try:
-            parsed = parse_reply(
+            parsed = parse(
                 raw,
                 envelope_from=envelope_from,
                 own_addresses=ours.addresses,
