@@ -1,0 +1,175 @@
+"""Every transition tells the configured webhooks, in its own transaction, with the request as it was.
+
+Each event row holds its body already: `event_id` fixed once (every retry
+sends the same), and the request as the transition left it, so `answered`
+says answered and the `resumed` after it says resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from email.message import EmailMessage
+from typing import Any
+
+import sqlalchemy as sa
+from conftest import add_request
+
+from hitl_mail import transitions
+from hitl_mail.config import WebhookSettings
+from hitl_mail.models import (
+    AnswerSource,
+    FeedbackRequest,
+    HttpOutboxRow,
+    RequestStatus,
+    WebhookEvent,
+)
+from hitl_mail.outbound import queue_row
+from hitl_mail.store import Store
+
+ASSIGNEE = "ann@example.org"
+TOKEN = "t" * 48
+EVERY = WebhookSettings(name="ops", url="http://127.0.0.1:9/all", secret="s" * 32)
+ANSWERS_ONLY = WebhookSettings(
+    name="answers",
+    url="http://127.0.0.1:9/answers",
+    secret="a" * 32,
+    events=(WebhookEvent.ANSWERED,),
+)
+EVENTS = transitions.Events((EVERY, ANSWERS_ONLY))
+
+
+def bodies(store: Store, request_id: str, destination: str = "ops") -> list[dict[str, Any]]:
+    table: Any = HttpOutboxRow.__table__  # type: ignore[attr-defined]
+    query = (
+        sa.select(table.c.body)
+        .where(table.c.request_id == request_id, table.c.destination == destination)
+        .order_by(table.c.id)
+    )
+    with store.engine.connect() as conn:
+        return [json.loads(body) for (body,) in conn.execute(query)]
+
+
+def mail(kind: str, request_id: str) -> Any:
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "hitl@example.org", ASSIGNEE, kind
+    message["Message-ID"] = f"<{kind}.{request_id}@example.org>"
+    message.set_content("...")
+    return queue_row(message, kind=kind, request_id=request_id, recipient=ASSIGNEE)
+
+
+def answer_by_email(store: Store, request_id: str, events: transitions.Events | None) -> bool:
+    answer = transitions.Answer("approved", "Approved, ship it", AnswerSource.EMAIL, ASSIGNEE)
+    change = transitions.answered(
+        request_id, answer, mail=mail("confirmation", request_id), events=events
+    )
+    return transitions.record(store, [change])[0]
+
+
+def pending(
+    store: Store, request_id: str = "r1", status: str = RequestStatus.PENDING, **values: Any
+) -> None:
+    add_request(
+        store,
+        request_id,
+        status,
+        assigned_to=ASSIGNEE,
+        token=TOKEN,
+        message="Approve the launch?",
+        emit=["approved", "rejected"],
+        request_metadata={"team": "web"},
+        state={"draft": "v1"},
+        **values,
+    )
+
+
+def test_an_answer_then_its_resume_are_told_in_order_each_with_the_request_as_it_then_was(
+    store: Store,
+) -> None:
+    pending(store)
+
+    assert answer_by_email(store, "r1", EVENTS)
+    assert transitions.resumed(store, "r1", {"result": "done"}, EVENTS)
+
+    answered, resumed = bodies(store, "r1")
+    assert (answered["event"], resumed["event"]) == ("answered", "resumed")
+    assert answered["request"]["status"] == "answered"
+    assert resumed["request"]["status"] == "resumed"
+    assert answered["request"] | {"status": "resumed"} == resumed["request"]
+    assert answered["request"]["outcome"] == "approved"
+    assert answered["request"]["feedback"] == "Approved, ship it"
+    assert answered["request"]["source"] == "email"
+    assert answered["request"]["answered_at"] is not None
+    assert answered["request"]["emit_options"] == ["approved", "rejected"]
+    assert answered["request"]["state"] == {"draft": "v1"}
+    assert answered["request"]["metadata"] == {"team": "web"}
+    assert answered["assigned_to_email"] == ASSIGNEE
+    assert answered["event_id"] != resumed["event_id"]
+    assert [b["event"] for b in bodies(store, "r1", "answers")] == ["answered"]
+
+
+def test_a_change_that_loses_its_race_tells_nobody(store: Store) -> None:
+    pending(store)
+    assert transitions.cancelled(store, "r1", "cli", mail=None, events=EVENTS)
+
+    assert not answer_by_email(store, "r1", EVENTS)
+
+    assert [b["event"] for b in bodies(store, "r1")] == ["cancelled"]
+    assert bodies(store, "r1", "answers") == []
+
+
+def test_without_webhooks_no_event_is_written(store: Store) -> None:
+    pending(store)
+    assert answer_by_email(store, "r1", None)
+    assert bodies(store, "r1") == []
+
+
+def test_each_life_event_names_itself_as_the_spec_does(store: Store) -> None:
+    pending(store, "late", auto_outcome="approved")
+    pending(store, "reassigned")
+    pending(store, "failing", status=RequestStatus.ANSWERED)
+
+    def request(request_id: str) -> FeedbackRequest:
+        return store.get(request_id)
+
+    reminder = transitions.reminded(request("late"), mail=mail("reminder", "late"), events=EVENTS)
+    auto = transitions.auto_answered(request("late"), mail=None, events=EVENTS)
+    after = {"assigned_to": "bob@example.org", "token": "u" * 48, "notification_id": "<n@x>"}
+    escalation = transitions.escalated(
+        "reassigned", before=ASSIGNEE, after=after, mail=[], events=EVENTS
+    )
+    assert transitions.record(store, [reminder, auto, escalation]) == [True, True, True]
+    assert transitions.resume_failed(
+        store, "failing", attempt=1, retry_at=None, error="boom", events=EVENTS
+    )
+
+    assert [b["event"] for b in bodies(store, "late")] == ["reminder", "auto_answered"]
+    assert bodies(store, "late")[1]["request"]["source"] == "auto"
+    [escalated] = bodies(store, "reassigned")
+    assert (escalated["event"], escalated["assigned_to_email"]) == ("escalated", "bob@example.org")
+    [failed] = bodies(store, "failing")
+    assert (failed["event"], failed["request"]["status"]) == ("resume_failed", "resume_failed")
+
+
+def test_a_refusal_event_gives_its_reason_and_never_the_token(store: Store) -> None:
+    pending(store)
+    forged_from = f"reply+{TOKEN}@reply.example.com"
+    refusal = transitions.Refusal(
+        transitions.RefusalKind.WRONG_SENDER, f"From {forged_from} is not {ASSIGNEE}"
+    )
+
+    transitions.refused(
+        store,
+        refusal,
+        request_id="r1",
+        actor=forged_from,
+        source="email",
+        detail={"why": refusal.reason},
+        events=EVENTS,
+    )
+
+    [refused] = bodies(store, "r1")
+    assert refused["event"] == "refused"
+    assert refused["reason"] == "wrong_sender"
+    assert refused["request"]["status"] == "pending"
+    assert TOKEN not in json.dumps(refused)
+    assert TOKEN[:6] in refused["detail"]  # shown as its first characters only (SPEC 9)
