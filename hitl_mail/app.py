@@ -17,6 +17,7 @@ import threading
 from hitl_mail import outcomes, systemd
 from hitl_mail.answering import Answering
 from hitl_mail.config import Config
+from hitl_mail.delivery import Deliveries
 from hitl_mail.listener import ListenerProcess
 from hitl_mail.metrics import HealthServer, Metrics
 from hitl_mail.models import RequestStatus
@@ -77,6 +78,7 @@ class App:
             arrivals=self.arrivals,
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
+        self.deliveries = Deliveries(config, self.store, config.daemon.poll_interval)
         self.retention = RawRetention(config, self.store)
         self.listener = ListenerProcess(
             config,
@@ -111,7 +113,14 @@ class App:
         self.resumer.warm_up()
         # litellm takes seconds to import: do it now, off the loop, and never wait for it.
         threading.Thread(target=outcomes.preload, name="preload-litellm", daemon=True).start()
-        for stage in (self.outbox, self.answering, self.resumer, self.timers, self.retention):
+        for stage in (
+            self.outbox,
+            self.answering,
+            self.resumer,
+            self.timers,
+            self.retention,
+            self.deliveries,
+        ):
             task = asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
             task.add_done_callback(self._stage_ended)
             self._tasks.append(task)
@@ -152,6 +161,7 @@ class App:
         self.config = config
         self.answering.config = config
         self.timers.config = config
+        self.deliveries.reload(config)
         self.retention.config = config
         self.resumer.reload(config)
         log.info("configuration reloaded from %s", config.source)
@@ -195,10 +205,12 @@ class App:
     def _timer_fired(self, kind: str) -> None:
         self.resumer.wakeup.set()
         self.outbox.wakeup.set()
+        self.deliveries.wakeup.set()
 
     def _reply_processed(self) -> None:
         self.resumer.wakeup.set()
         self.outbox.wakeup.set()
+        self.deliveries.wakeup.set()
 
     def _observe_resume(self, ok: bool) -> None:
         (self.metrics.resumed if ok else self.metrics.resume_failed)()

@@ -1,4 +1,4 @@
-"""The `hitl-mail` command line: serve, check-config, requests, demo, health.
+"""The `hitl-mail` command line: serve, check-config, requests, webhooks, demo, health.
 
 Exit codes: 0 success, 2 bad usage or configuration (or a port that cannot be
 bound), 1 anything else.
@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     cancel.add_argument("id")
     cancel.set_defaults(handler=cmd_cancel)
+    webhooks = sub.add_parser("webhooks", help="try the configured webhooks")
+    wsub = webhooks.add_subparsers(dest="action")
+    test = wsub.add_parser(
+        "test", parents=[common], help="POST a signed sample new_request event to one webhook"
+    )
+    test.add_argument("name", help="the webhook's name in [[webhooks]]")
+    test.set_defaults(handler=cmd_webhooks_test)
     return parser
 
 
@@ -240,6 +247,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"request {args.id} cancelled; the assignee will be told")
     return EXIT_OK
+
+
+# -- webhooks --------------------------------------------------------------------------
+
+
+def cmd_webhooks_test(args: argparse.Namespace) -> int:
+    """Exit 0 when the webhook answered 2xx, 1 otherwise, 2 when no webhook has that name."""
+    from hitl_mail.delivery import send_test
+
+    config = _config(args)
+    webhook = next((hook for hook in config.webhooks if hook.name == args.name), None)
+    if webhook is None:
+        names = ", ".join(hook.name for hook in config.webhooks) or "none configured"
+        print(f"no webhook named {args.name!r} (webhooks: {names})", file=sys.stderr)
+        return EXIT_USAGE
+    answer = asyncio.run(send_test(webhook))
+    print(f"{webhook.name} ({webhook.url}): {answer.describe()}")
+    if answer.status is not None and answer.text:
+        print(answer.text[:500])
+    return EXIT_OK if answer.delivered else EXIT_ERROR
 
 
 # -- demo and health ----------------------------------------------------------------------

@@ -269,7 +269,7 @@ class HttpOutboxRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     request_id: str | None = Field(default=None, max_length=32)
-    destination: str = Field(max_length=100)  # a [[webhooks]] name, or "callback"
+    destination: str = Field(max_length=100)  # a [[webhooks]] name, or "bridge:callback"
     url: str
     event: str = Field(max_length=40)
     event_id: str = Field(max_length=40, index=True)

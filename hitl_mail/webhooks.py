@@ -23,7 +23,7 @@ from typing import Any
 from hitl_mail.config import WebhookSettings
 from hitl_mail.models import FeedbackRequest, HttpOutboxRow, WebhookEvent, utcnow
 
-CALLBACK = "callback"  # the destination of answers POSTed to a bridged request's callback_url
+CALLBACK = "bridge:callback"  # the destination of bridged answers (no webhook name has a colon)
 CALLBACK_EVENT = "callback"
 SIGNATURE_PREFIX = "sha256="
 
