@@ -241,7 +241,7 @@ def parse_reply(
     body = ""
     if malformed is None:
         try:
-            body = _body(message)
+            body = _body(message, truncated=len(parsed) < len(raw))
         except _Unsafe as unsafe:
             malformed = str(unsafe)
     headers["from"] = from_address or ""  # machine_reason reads the strict address only
@@ -472,9 +472,10 @@ def _address(value: str) -> str:
 # --- body -------------------------------------------------------------------------------
 
 
-def _body(message: Message | None) -> str:
+def _body(message: Message | None, *, truncated: bool) -> str:
+    """``truncated``: the message was cut, so its last part may end inside a character."""
     try:
-        return _body_from_message(message) if message is not None else ""
+        return _body_from_message(message, truncated) if message is not None else ""
     except _Unsafe:
         raise
     except Exception:  # a MIME tree malformed beyond what the stdlib tolerates
@@ -482,16 +483,16 @@ def _body(message: Message | None) -> str:
         return ""
 
 
-def _body_from_message(message: Message) -> str:
+def _body_from_message(message: Message, truncated: bool) -> str:
     """The first inline text/plain part with content, else the first text/html part as text."""
     html: str | None = None
     for part in _inline_text_parts(message):
         if part.get_content_subtype() == "plain":
-            text = _decode_part(part)
+            text = _decode_part(part, truncated)
             if text.strip():
                 return text
         elif part.get_content_subtype() == "html" and html is None:
-            html = _decode_part(part)
+            html = _decode_part(part, truncated)
     return html_to_text(html) if html else ""
 
 
@@ -516,7 +517,7 @@ def _inline_text_parts(message: Message) -> Iterator[Message]:
             yield part
 
 
-def _decode_part(part: Message) -> str:
+def _decode_part(part: Message, truncated: bool) -> str:
     try:
         payload = part.get_payload(decode=True)
         charset = part.get_content_charset()
@@ -526,7 +527,7 @@ def _decode_part(part: Message) -> str:
         return ""
     if not isinstance(payload, bytes):
         return ""
-    cut = len(payload) > _MAX_PART_BYTES  # before decoding: decoding never sees more
+    cut = truncated or len(payload) > _MAX_PART_BYTES  # cut before decoding
     text = _decode_bytes(payload[:_MAX_PART_BYTES], charset, cut=cut)
     text = text[:MAX_PART_CHARS].replace("\r\n", "\n")
     if flowed and part.get_content_subtype() == "plain":
