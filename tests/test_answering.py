@@ -346,6 +346,61 @@ async def test_a_reply_from_another_address_records_nothing_and_never_mails_that
     assert daemon.sink.of("confirmation", request.id) == []
 
 
+SPOOFED_FROMS = {
+    "encoded-display-name": [
+        b"From: =?utf-8?q?Owner_=3Cowner=40example=2Ecom=3E?= <mallory@attacker.example.net>"
+    ],
+    "address-as-display-name": [b"From: owner@example.com <mallory@attacker.example.net>"],
+    "two-mailboxes": [b"From: owner@example.com, mallory@attacker.example.net"],
+    "group": [b"From: Team: owner@example.com;"],
+    "second-from-header": [b"From: owner@example.com", b"From: mallory@attacker.example.net"],
+    "address-in-a-comment": [b"From: mallory@attacker.example.net (owner@example.com)"],
+    "quoted-local-part": [b'From: "owner@example.com"@attacker.example.net'],
+    "nul-in-from": [b"From: owner@example.com\x00 <mallory@attacker.example.net>"],
+}
+
+
+def with_from(reply: EmailMessage, from_lines: list[bytes]) -> bytes:
+    """The reply's bytes with its From header replaced by ``from_lines``, as written."""
+    head, _, body = reply.as_bytes(policy=CLIENT).partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n") if not line.startswith(b"From: ")]
+    return b"\r\n".join([*from_lines, *lines]) + b"\r\n\r\n" + body
+
+
+async def test_a_spoofed_from_with_a_genuine_token_never_answers_but_the_assignee_still_can(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    recipient = str(notification["Reply-To"])
+
+    for from_lines in SPOOFED_FROMS.values():
+        spoof = with_from(reply_to(notification, "Approved"), from_lines)
+        response = await deliver(daemon.port, spoof, mail_from=FORGER, rcpt=[recipient])
+        assert response.code == 250  # stored; refused by answering, where it is recorded
+
+    refusals = await daemon.event(request.id, "reply_wrong_sender", count=len(SPOOFED_FROMS))
+    assert len(refusals) == len(SPOOFED_FROMS)
+    assert {event.detail["from"] for event in refusals} == {
+        None,  # the five that name no one mailbox
+        "mallory@attacker.example.net",
+        '"owner@example.com"@attacker.example.net',
+    }
+    assert daemon.store.get(request.id).status == "pending"
+    queued = await daemon.settled(request.id)
+    assert {row.recipient for row in queued} == {ASSIGNEE}  # the notification, one warning
+    assert not [r for _, rs in daemon.sink.envelopes for r in rs if "attacker" in r.lower()]
+
+    await answer(daemon, reply_to(notification, "Approved"))
+
+    await daemon.event(request.id, "answered")
+    answered = daemon.store.get(request.id)
+    assert (answered.status, answered.outcome, answered.answered_by) == (
+        "answered",
+        "approved",
+        ASSIGNEE,
+    )
+
+
 async def test_a_reply_to_an_expired_token_records_nothing_and_explains_to_the_tokens_address(
     daemon: Daemon,
 ) -> None:
@@ -543,6 +598,72 @@ async def test_when_the_llm_fails_the_request_stays_pending_and_the_responder_is
     answered = daemon.store.get(request.id)
     assert (answered.status, answered.outcome) == ("answered", "rejected")
     assert len(daemon.llm.requests) == llm_calls  # an exact option needs no LLM
+
+
+@pytest.mark.parametrize(
+    ("mode", "internal"),
+    [("invalid", "maybe"), ("fail", "fake LLM server error")],
+    ids=["answer-outside-the-options", "provider-error"],
+)
+async def test_the_undecided_mail_never_quotes_the_llm_or_the_provider_which_stay_in_the_audit(
+    daemon: Daemon, mode: str, internal: str
+) -> None:
+    daemon.llm.mode = mode
+    request, notification = await daemon.notified()
+
+    await answer(daemon, reply_to(notification, "Let us go with whatever finance prefers"))
+
+    [undecided] = await daemon.event(request.id, "reply_undecided")
+    assert internal in undecided.detail["why"]["reason"]
+    await daemon.settled(request.id)
+    [told] = daemon.sink.of("error", request.id)
+    assert told["X-HITL-Error"] == "undecided"
+    assert options_in(told)
+    for part in ("plain", "html"):
+        assert internal not in told.get_body((part,)).get_content()  # type: ignore[union-attr]
+
+
+# -- error mail limits --------------------------------------------------------------------
+
+
+async def test_an_error_mail_about_one_request_never_hides_one_about_another(
+    daemon: Daemon,
+) -> None:
+    notified = [await daemon.notified() for _ in range(3)]
+
+    for _, notification in notified:
+        await answer(daemon, reply_to(notification, "Approved", sender=FORGER), mail_from=FORGER)
+
+    for request, _ in notified:
+        await daemon.event(request.id, "reply_wrong_sender")
+        await daemon.settled(request.id)
+        [warning] = daemon.sink.of("error", request.id)
+        assert (warning["X-HITL-Error"], warning["To"]) == ("wrong_sender", ASSIGNEE)
+
+
+async def test_error_mails_about_one_request_are_one_per_kind_and_three_in_all_a_day(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified(default_outcome=None)
+    old = tokens.mint(request.id, ASSIGNEE, daemon.config.secret_keys, utcnow() - timedelta(days=8))
+    stale = f"reply+{old}@reply.example.com"
+    replies: list[tuple[EmailMessage, str, str, int]] = [  # reply, sender, event, its count
+        (reply_to(notification, "Approved", sender=FORGER), FORGER, "reply_wrong_sender", 1),
+        (reply_to(notification, "Rejected", sender=FORGER), FORGER, "reply_wrong_sender", 2),
+        (reply_to(notification, ""), ASSIGNEE, "reply_undecided", 1),
+        (reply_to(notification, "Approved", to=stale), ASSIGNEE, "reply_expired", 1),
+        (reply_to(notification, "Approved"), ASSIGNEE, "answered", 1),
+        (reply_to(notification, "Rejected"), ASSIGNEE, "reply_already_answered", 1),
+    ]
+
+    for reply, sender, event, count in replies:
+        await answer(daemon, reply, mail_from=sender)
+        await daemon.event(request.id, event, count)
+
+    await daemon.settled(request.id)
+    told = [mail["X-HITL-Error"] for mail in daemon.sink.of("error", request.id)]
+    assert sorted(told) == ["expired", "undecided", "wrong_sender"]
+    assert daemon.events(request.id).count("error_mail_suppressed") == 2
 
 
 async def test_an_empty_reply_without_a_default_outcome_stays_pending_and_is_told_the_options(
