@@ -169,7 +169,8 @@ def test_check_config_refuses_required_authentication_with_nothing_to_check_it_b
 ) -> None:
     example = (REPO / "config.example.toml").read_text(encoding="utf-8")
     config = tmp_path / "hitl-mail.toml"
-    config.write_text(example + '\n[inbound.authentication]\nrequire = "dmarc"\n', "utf-8")
+    assert example.count('\nrequire = "none"') == 1  # in [inbound.authentication]
+    config.write_text(example.replace('\nrequire = "none"', '\nrequire = "dmarc"'), "utf-8")
 
     out = hitl_mail(
         "check-config", "--config", str(config), cwd=tmp_path, env={"HITL_MAIL_SECRET": SECRET}
