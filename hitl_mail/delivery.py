@@ -24,7 +24,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlmodel import Session
 
+from hitl_mail import transitions
 from hitl_mail.config import Config, WebhookSettings
 from hitl_mail.httpqueue import Claimed, HttpQueue
 from hitl_mail.models import HttpOutboxStatus, WebhookEvent, utcnow
@@ -172,6 +174,7 @@ class Lane:
         self.queue = queue
         self.wakeup = asyncio.Event()
         self._observe = observe
+        self.events: Callable[[], transitions.Events | None] = lambda: None
         self._client = httpx.AsyncClient(follow_redirects=False)
         self._in_flight: dict[asyncio.Task[None], Claimed] = {}
 
@@ -241,12 +244,30 @@ class Lane:
             )
         values = outcome(endpoint, row, answer, started)
         event = audit_event(row.request_id, self._audit_name(), ACTOR, detail=_detail(row, values))
-        await asyncio.to_thread(self.queue.record, row.id, values, [event])
+        settle = self._settle(row, values)
+        await asyncio.to_thread(self.queue.record, row.id, values, [event], settle)
         self._log(row, answer, values)
         self._observe(self.name, _result(values))
 
     def _audit_name(self) -> str:
         return "callback_attempt" if self.name == CALLBACK else "webhook_attempt"
+
+    def _settle(self, row: Claimed, values: dict[str, Any]) -> Callable[[Session], object] | None:
+        """A bridged answer's POST that ended resumes its request (or fails it), in the same commit."""
+        request_id = row.request_id
+        if self.name != CALLBACK or request_id is None:
+            return None
+        if values["status"] not in (HttpOutboxStatus.DELIVERED, HttpOutboxStatus.FAILED):
+            return None
+        events = self.events()
+        return lambda session: transitions.callback_settled(
+            session,
+            request_id,
+            delivered=values["status"] == HttpOutboxStatus.DELIVERED,
+            attempts=values["attempts"],
+            error=values.get("last_error"),
+            events=events,
+        )
 
     def _log(self, row: Claimed, answer: Answer, values: dict[str, Any]) -> None:
         result = _result(values)
@@ -302,6 +323,7 @@ class Deliveries:
         observe: DeliveryObserver | None = None,
     ) -> None:
         self.queue = HttpQueue(store)
+        self.config = config
         self.endpoints = endpoints(config)
         self.poll = poll.total_seconds()
         self.wakeup = asyncio.Event()
@@ -310,6 +332,7 @@ class Deliveries:
 
     def reload(self, config: Config) -> None:
         """New secrets, timeouts and retry bounds apply from the next attempt."""
+        self.config = config
         self.endpoints = endpoints(config)
         for name, (lane, _) in self._lanes.items():
             lane.endpoint = self.endpoints.get(name)
@@ -338,6 +361,7 @@ class Deliveries:
     def _lane(self, name: str, stopping: asyncio.Event) -> Lane:
         if name not in self._lanes:
             lane = Lane(name, self.endpoints.get(name), self.queue, self._observe)
+            lane.events = lambda: transitions.events_of(self.config)
             task = asyncio.create_task(lane.run(stopping), name=f"lane {name}")
             task.add_done_callback(lambda _: self.wakeup.set())
             self._lanes[name] = (lane, task)

@@ -12,13 +12,13 @@ it leased, and once the lease runs out it is claimed and POSTed again
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from hitl_mail.models import AuditEvent, HttpOutboxRow, HttpOutboxStatus, utcnow
 from hitl_mail.store import Store, insert_rows
@@ -107,8 +107,14 @@ class HttpQueue:
         order = {row_id: index for index, row_id in enumerate(ids)}
         return sorted(rows, key=lambda row: order[row.id])
 
-    def record(self, row_id: int, values: dict[str, Any], events: Sequence[AuditEvent]) -> None:
-        """The outcome of one attempt and its audit row, in one commit."""
+    def record(
+        self,
+        row_id: int,
+        values: dict[str, Any],
+        events: Sequence[AuditEvent],
+        then: Callable[[Session], object] | None = None,
+    ) -> None:
+        """The outcome of one attempt and its audit row, in one commit (with `then`'s writes)."""
         with self.store.session() as session:
             session.connection().execute(
                 sa.update(_rows)
@@ -116,6 +122,8 @@ class HttpQueue:
                 .values(lease_until=None, **values)
             )
             insert_rows(session, events)
+            if then is not None:
+                then(session)
             session.commit()
 
     def release(self, row_ids: Sequence[int]) -> None:

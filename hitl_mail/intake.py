@@ -52,13 +52,21 @@ def content_of(request: FeedbackRequest) -> compose.RequestContent:
 
 
 def create_request(
-    config: Config, store: Store, context: dict[str, Any], state: Any
+    config: Config,
+    store: Store,
+    context: dict[str, Any],
+    state: Any,
+    *,
+    request_id: str | None = None,
+    assignee: str | None = None,
 ) -> FeedbackRequest:
     """Store the request, its audit trail and its notification; return the stored request.
 
     Raises `FlowNotImportable` before storing anything, and `RoutingError`
     after recording the request as `unroutable` (so the failure is visible in
-    `requests list`, not only in the flow's traceback).
+    `requests list`, not only in the flow's traceback). The bridge gives the
+    id (one per hosted event, so a replay collides) and an `assignee` that
+    stands in for `default_assignee`: routing rules still come first.
     """
     flow_class = str(context["flow_class"])
     if flow_class.startswith("__main__."):
@@ -69,9 +77,14 @@ def create_request(
         )
     now = utcnow()
     request = _new_request(context, state, now)
+    if request_id is not None:
+        request.id = request_id
+    routing = config.routing
+    if assignee is not None:
+        routing = routing.model_copy(update={"default_assignee": assignee})
     try:
         assignment = route(
-            config.routing, method_name=request.method_name, flow_class=flow_class, state=state
+            routing, method_name=request.method_name, flow_class=flow_class, state=state
         )
     except RoutingError as exc:
         transitions.unroutable(store, request, str(exc))

@@ -27,6 +27,7 @@ from sqlalchemy.orm import defer
 from sqlmodel import Session, col, func, select
 
 from hitl_mail import tokens
+from hitl_mail.callbacks import BRIDGED_PREFIX
 from hitl_mail.models import (
     AuditEvent,
     FeedbackRequest,
@@ -678,13 +679,19 @@ _WITHOUT_STATE = tuple(
 # Two candidate lists, each read in index order and cut at the limit: one query
 # with OR over both sorted every answered request at each claim, milliseconds
 # per resume under a backlog of thousands (ix_requests_resumable, migration 0003).
+# A bridged request is resumed on crewAI's hosted platform, by a POST from the
+# HTTP outbox (callbacks.py), never by importing a flow here.
+_LOCAL_FLOW = sa.not_(_requests.c.flow_class.startswith(BRIDGED_PREFIX, autoescape=True))
 _failed_due = _candidates(
     _requests,
     RequestStatus.RESUME_FAILED,
     [_requests.c.resume_after],
     _requests.c.resume_after <= sa.bindparam("now"),
+    _LOCAL_FLOW,
 ).subquery()
-_answered = _candidates(_requests, RequestStatus.ANSWERED, [_requests.c.answered_at]).subquery()
+_answered = _candidates(
+    _requests, RequestStatus.ANSWERED, [_requests.c.answered_at], _LOCAL_FLOW
+).subquery()
 _RESUMABLE = sa.union_all(sa.select(_failed_due.c.id), sa.select(_answered.c.id)).limit(
     sa.bindparam("limit")
 )

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, func
 
-from hitl_mail import tokens, webhooks
+from hitl_mail import callbacks, tokens, webhooks
 from hitl_mail.config import Config, WebhookSettings
 from hitl_mail.models import (
     AnswerSource,
@@ -37,7 +37,14 @@ from hitl_mail.models import (
     WebhookEvent,
     utcnow,
 )
-from hitl_mail.store import Store, Transition, audit_event, finish_replies, insert_rows
+from hitl_mail.store import (
+    Store,
+    Transition,
+    apply,
+    audit_event,
+    finish_replies,
+    insert_rows,
+)
 
 ACTOR = "hitl-mail"
 OPEN = (RequestStatus.PENDING,)
@@ -63,7 +70,9 @@ class Events:
 
 def events_of(config: Config) -> Events | None:
     """The events the configuration asks for: None without webhooks, so nothing is built."""
-    return Events(config.webhooks) if config.webhooks else None
+    if not config.webhooks:
+        return None
+    return Events(config.webhooks, lambda request: callbacks.callback_url(config, request.id))
 
 
 # -- created -------------------------------------------------------------------
@@ -142,7 +151,7 @@ def answered(
         "answered_at": utcnow(),
     }
     audit = audit_event(request_id, Audit.ANSWERED, answer.by, answer.source, dict(answer.detail))
-    return _change(
+    change = _change(
         request_id,
         OPEN,
         values,
@@ -152,6 +161,7 @@ def answered(
         finish_inbound=None if inbound is None else (inbound, "answered"),
         stop_timers=auto,  # a person's answer leaves them: they fire on a request no longer pending
     )
+    return _and_post_if_bridged(change)
 
 
 def auto_answered(
@@ -284,7 +294,61 @@ def resume_retried(store: Store, request_id: str, actor: str) -> bool:
     values = {"resume_after": utcnow(), "resume_attempts": 0, "lease_until": None}
     audit = audit_event(request_id, Audit.RESUME_RETRY_REQUESTED, actor, "api")
     change = _change(request_id, (RequestStatus.RESUME_FAILED,), values, [audit])
-    return record(store, [change])[0]
+    return record(store, [_and_post_if_bridged(change)])[0]
+
+
+# -- bridged requests (bridge.py): resumed on crewAI's hosted platform -------------
+# Their answer is POSTed to the hosted callback_url from the HTTP outbox, queued
+# by the answer itself (and again by an operator's retry); the delivery stage
+# reports how that POST ended, and that is their resume.
+
+
+def _and_post_if_bridged(change: Transition) -> Transition:
+    """`change`, also queueing a bridged request's answer POST in the same transaction."""
+    first = change.then
+
+    def then(session: Session) -> Sequence[Any]:
+        rows = list(first(session)) if first is not None else []
+        return [*rows, *callbacks.bridged_answer_rows(session, change.request_id)]
+
+    return change._replace(then=then)
+
+
+def callback_settled(
+    session: Session,
+    request_id: str,
+    *,
+    delivered: bool,
+    attempts: int,
+    error: str | None,
+    events: Events | None = None,
+) -> bool:
+    """The answer POST of a bridged request ended: `resumed` when taken, else `resume_failed`.
+
+    Made in the caller's session, so it commits with the HTTP outbox row's outcome.
+    A failed POST is not retried automatically (the delivery stage already
+    retried it): `requests retry` queues it again.
+    """
+    if delivered:
+        values: dict[str, Any] = {
+            "status": RequestStatus.RESUMED,
+            "resumed_at": utcnow(),
+            "last_error": None,
+        }
+        audit = audit_event(request_id, Audit.RESUMED, ACTOR, detail={"via": "hosted callback"})
+        event = WebhookEvent.RESUMED
+    else:
+        values = {
+            "status": RequestStatus.RESUME_FAILED,
+            "resume_attempts": attempts,
+            "resume_after": None,
+            "last_error": error,
+        }
+        detail = {"attempt": attempts, "retry_at": None, "error": error, "via": "hosted callback"}
+        audit = audit_event(request_id, Audit.RESUME_FAILED, ACTOR, detail=detail)
+        event = WebhookEvent.RESUME_FAILED
+    change = _change(request_id, UNRESUMED, values, [audit], event, events)
+    return apply(session, [change])[0]
 
 
 # -- refusals -------------------------------------------------------------------

@@ -26,9 +26,10 @@ from typing import Any
 
 import h11
 import uvicorn
+from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["CloseConnections", "WebServer"]
+__all__ = ["BodyTooLarge", "CloseConnections", "WebServer", "is_json", "read_body"]
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +242,30 @@ class WebServer:
         except Exception:
             log.exception("%s server failed while stopping", self.name)
         log.info("%s endpoint stopped", self.name)
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the endpoint accepts (answer 413)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed `limit` bytes.
+
+    A declared Content-Length is checked before anything is read; a chunked
+    body is counted as it arrives, so an endless one costs `limit` bytes at most.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge()
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise BodyTooLarge()
+    return bytes(data)
+
+
+def is_json(request: Request) -> bool:
+    """Whether the body is declared JSON (``application/json`` or a ``+json`` type)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
