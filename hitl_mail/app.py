@@ -1,7 +1,7 @@
 """One `App` owns the daemon's life: store, stages, SMTP listener, then ready; shutdown in reverse.
 
 Startup: migrations, the SMTP listener, the sending, answering, resume and
-timer stages, the health endpoint; `serve` then says `READY=1` to systemd. Shutdown: stop
+timer stages, the HTTP server and the health endpoint; `serve` then says `READY=1` to systemd. Shutdown: stop
 accepting mail, let the stages finish what they hold within
 `[daemon].shutdown_timeout` (anything unfinished stays in its table for the
 next start), close the store. Usable as `async with App(config) as app:`.
@@ -16,6 +16,7 @@ import threading
 
 from hitl_mail import outcomes, systemd
 from hitl_mail.answering import Answering
+from hitl_mail.api import HttpApi, HttpServer
 from hitl_mail.config import Config
 from hitl_mail.delivery import Deliveries
 from hitl_mail.listener import ListenerProcess
@@ -52,6 +53,7 @@ class App:
         self.ready = False
         self.smtp_port = 0
         self.health_port = 0
+        self.http_port = 0
         self.metrics = Metrics(
             request_counts=self.store.counts_by_status,
             ready=lambda: self.ready,
@@ -87,6 +89,7 @@ class App:
             on_exit=self._listener_exited,
         )
         self._health: HealthServer | None = None
+        self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.failed: str | None = None  # the stage whose crash stopped the daemon
 
@@ -124,7 +127,9 @@ class App:
             task = asyncio.create_task(stage.run(self.stopping), name=type(stage).__name__)
             task.add_done_callback(self._stage_ended)
             self._tasks.append(task)
-        if config.health.enabled:
+        if config.http.enabled:
+            await self._start_http()
+        if config.health.enabled and not self._health_on_http():
             self._health = HealthServer(self.metrics)
             self.health_port = await self._health.start(config.health.host, config.health.port)
         self.ready = True
@@ -136,6 +141,24 @@ class App:
             _redacted(config.daemon.database_url),
         )
 
+    async def _start_http(self) -> None:
+        api = HttpApi(
+            self.config,
+            self.store,
+            self.metrics,
+            on_answered=self._reply_processed,
+            on_created=self._request_created,
+        )
+        self._http = HttpServer(api)
+        self.http_port = await self._http.start(self.config.http.host, self.config.http.port)
+        if self._health_on_http():
+            self.health_port = self.http_port
+
+    def _health_on_http(self) -> bool:
+        """[health] naming [http]'s own address: the one server serves both."""
+        health, http = self.config.health, self.config.http
+        return http.enabled and (health.host, health.port) == (http.host, http.port)
+
     async def shutdown(self) -> None:
         self.ready = False
         systemd.stopping()
@@ -145,6 +168,8 @@ class App:
         deadline = loop.time() + self.config.daemon.shutdown_timeout.total_seconds()
         self.stopping.set()
         await self.listener.stop((deadline - loop.time()) / 2)
+        if self._http is not None:
+            await self._http.stop()  # no more answers over HTTP either
         await self.resumer.drain(max(deadline - loop.time(), 0.0))
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=max(deadline - loop.time(), 0.1))
@@ -164,6 +189,8 @@ class App:
         self.deliveries.reload(config)
         self.retention.config = config
         self.resumer.reload(config)
+        if self._http is not None:
+            self._http.api.reload(config)
         log.info("configuration reloaded from %s", config.source)
 
     def _stage_ended(self, task: asyncio.Task[None]) -> None:
@@ -204,6 +231,10 @@ class App:
 
     def _timer_fired(self, kind: str) -> None:
         self.resumer.wakeup.set()
+        self.outbox.wakeup.set()
+        self.deliveries.wakeup.set()
+
+    def _request_created(self) -> None:
         self.outbox.wakeup.set()
         self.deliveries.wakeup.set()
 

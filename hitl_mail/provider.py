@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from crewai.flow.async_feedback.types import HumanFeedbackPending, PendingFeedbackContext
 
+from hitl_mail.callbacks import callback_url
 from hitl_mail.config import Config, config_path, load_config
 from hitl_mail.intake import create_request, reply_to_of
 from hitl_mail.persistence import HitlFlowPersistence, json_state
@@ -59,6 +60,8 @@ class MailProvider:
                 "assigned_to": request.assigned_to,
                 "reply_to": reply_to_of(config, request),
                 "deadline": request.deadline.isoformat() if request.deadline else None,
+                # Where to answer over HTTP instead ([http].public_url); None without it.
+                "callback_url": callback_url(config, request.id),
             },
         )
 
