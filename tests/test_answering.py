@@ -401,6 +401,61 @@ async def test_a_spoofed_from_with_a_genuine_token_never_answers_but_the_assigne
     )
 
 
+SPOOFED_FROMS = {
+    "encoded-display-name": [
+        b"From: =?utf-8?q?Owner_=3Cowner=40example=2Ecom=3E?= <mallory@attacker.example.net>"
+    ],
+    "address-as-display-name": [b"From: owner@example.com <mallory@attacker.example.net>"],
+    "two-mailboxes": [b"From: owner@example.com, mallory@attacker.example.net"],
+    "group": [b"From: Team: owner@example.com;"],
+    "second-from-header": [b"From: owner@example.com", b"From: mallory@attacker.example.net"],
+    "address-in-a-comment": [b"From: mallory@attacker.example.net (owner@example.com)"],
+    "quoted-local-part": [b'From: "owner@example.com"@attacker.example.net'],
+    "nul-in-from": [b"From: owner@example.com\x00 <mallory@attacker.example.net>"],
+}
+
+
+def with_from(reply: EmailMessage, from_lines: list[bytes]) -> bytes:
+    """The reply's bytes with its From header replaced by ``from_lines``, as written."""
+    head, _, body = reply.as_bytes(policy=CLIENT).partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n") if not line.startswith(b"From: ")]
+    return b"\r\n".join([*from_lines, *lines]) + b"\r\n\r\n" + body
+
+
+async def test_a_spoofed_from_with_a_genuine_token_never_answers_but_the_assignee_still_can(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    recipient = str(notification["Reply-To"])
+
+    for from_lines in SPOOFED_FROMS.values():
+        spoof = with_from(reply_to(notification, "Approved"), from_lines)
+        response = await deliver(daemon.port, spoof, mail_from=FORGER, rcpt=[recipient])
+        assert response.code == 250  # stored; refused by answering, where it is recorded
+
+    refusals = await daemon.event(request.id, "reply_wrong_sender", count=len(SPOOFED_FROMS))
+    assert len(refusals) == len(SPOOFED_FROMS)
+    assert {event.detail["from"] for event in refusals} == {
+        None,  # the five that name no one mailbox
+        "mallory@attacker.example.net",
+        '"owner@example.com"@attacker.example.net',
+    }
+    assert daemon.store.get(request.id).status == "pending"
+    queued = await daemon.settled(request.id)
+    assert {row.recipient for row in queued} == {ASSIGNEE}  # the notification, one warning
+    assert not [r for _, rs in daemon.sink.envelopes for r in rs if "attacker" in r.lower()]
+
+    await answer(daemon, reply_to(notification, "Approved"))
+
+    await daemon.event(request.id, "answered")
+    answered = daemon.store.get(request.id)
+    assert (answered.status, answered.outcome, answered.answered_by) == (
+        "answered",
+        "approved",
+        ASSIGNEE,
+    )
+
+
 async def test_a_reply_to_an_expired_token_records_nothing_and_explains_to_the_tokens_address(
     daemon: Daemon,
 ) -> None:
