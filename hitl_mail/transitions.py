@@ -358,7 +358,9 @@ class RefusalKind(StrEnum):
     """Why something could not answer a request; its audit event is `reply_<kind>`."""
 
     UNMATCHED = "unmatched"
+    MALFORMED = "malformed"
     MACHINE_MAIL = "machine_mail"
+    UNAUTHENTICATED = "unauthenticated"
     BAD_TOKEN = "bad_token"
     WRONG_SENDER = "wrong_sender"
     EXPIRED = "expired"
@@ -387,12 +389,17 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class MailLimit:
-    """Send no error mail of `kind` to `to` if one went within `window` (of this request, if given)."""
+    """Send no error mail once `at_most` like it were queued within `window`.
 
-    to: str
-    kind: str
+    Like it: to `to`, of `kind`, about `request_id`; None matches any
+    (`kind` None: any error mail).
+    """
+
     window: timedelta
+    to: str | None = None
+    kind: str | None = None
     request_id: str | None = None
+    at_most: int = 1
 
 
 @dataclass(frozen=True)
@@ -443,16 +450,16 @@ def _error_mail(request_id: str | None, mail: ErrorMail, queued: bool) -> list[A
 
 
 def _sent_lately(session: Session, limit: MailLimit) -> bool:
-    query = (
-        sa.select(_outbox.c.id)
-        .where(func.lower(_outbox.c.recipient) == limit.to.lower())
-        .where(_outbox.c.kind == limit.kind)
-        .where(_outbox.c.created_at >= utcnow() - limit.window)
-        .limit(1)
+    kind = (
+        _outbox.c.kind.startswith("error:") if limit.kind is None else _outbox.c.kind == limit.kind
     )
+    query = sa.select(_outbox.c.id).where(kind, _outbox.c.created_at >= utcnow() - limit.window)
+    if limit.to is not None:
+        query = query.where(func.lower(_outbox.c.recipient) == limit.to.lower())
     if limit.request_id is not None:
         query = query.where(_outbox.c.request_id == limit.request_id)
-    return session.connection().execute(query).first() is not None
+    found = session.connection().execute(query.limit(limit.at_most)).all()
+    return len(found) >= limit.at_most
 
 
 def _refusal_event(
