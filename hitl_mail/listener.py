@@ -39,7 +39,10 @@ STOP = b"stop"
 START_TIMEOUT = 60.0
 
 _forkserver = multiprocessing.get_context("forkserver")
-_forkserver.set_forkserver_preload(["hitl_mail.listener", "hitl_mail.inbound", "hitl_mail.parsing"])
+# The first module keeps the fork server alive through a stop signal sent to the group.
+_forkserver.set_forkserver_preload(
+    ["hitl_mail.forkserver_preload", "hitl_mail.listener", "hitl_mail.inbound", "hitl_mail.parsing"]
+)
 
 
 class ListenerProcess:
@@ -135,6 +138,9 @@ class ListenerProcess:
 
 def serve(config: Config, sock: socket.socket, pipe: Connection) -> None:
     """The child's entry point: serve SMTP on `sock` until told to stop."""
+    from hitl_mail.children import die_with_parent
+
+    die_with_parent()  # the fork server, which itself ends when the daemon does
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     from hitl_mail import logs

@@ -1,24 +1,34 @@
 """Resume answered requests: restore the flow class from the stored state, apply the decided outcome.
 
-Flow code runs in worker processes (spawned, each importing crewAI once), so
-a slow or CPU-bound flow method never delays the SMTP edge or other resumes,
-and a crashing flow cannot take the daemon down. While a resume runs, its
-request's lease is renewed; a daemon killed mid-resume leaves the lease to
-expire and the next daemon resumes the request again (at least once).
+Flow code runs in worker processes (forked from a process that has imported
+crewAI and the flow modules once, `workers.py`), so a slow or CPU-bound flow
+method never delays the SMTP edge or other resumes, and a crashing flow
+cannot take the daemon down. Only `Flow` subclasses from modules under
+`[flows].import_paths` or installed packages are resumed (`import_flow_class`).
+While a resume runs, its request's lease is renewed; a daemon killed
+mid-resume leaves the lease to expire and the next daemon resumes the request
+again (at least once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
+import importlib.metadata
+import importlib.util
+import keyword
 import logging
-import multiprocessing
 import os
+import signal
+import site
 import sys
+import sysconfig
 import traceback
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -29,6 +39,12 @@ from hitl_mail.config import Config
 from hitl_mail.models import FeedbackRequest, utcnow
 from hitl_mail.store import Resumable, Store
 from hitl_mail.waiting import Arrivals, idle, let_flood_pass
+from hitl_mail.workers import (
+    WorkerPool,
+    WorkersDidNotStart,
+    lower_priority,
+    preload_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +52,6 @@ LEASE = timedelta(seconds=60)
 RENEW_EVERY = 20.0
 MAX_AUTOMATIC_RETRIES = 5
 RETRY_BASE = timedelta(seconds=10)
-WORKER_NICENESS = 5
 # crewAI keeps ~145 objects of every resumed flow for good (its run-time event
 # record): after a few hundred resumes a worker's full garbage collections
 # scanned 440k objects and stopped it for 400 ms. Live objects are moved out
@@ -60,41 +75,63 @@ _worker: tuple[Config, Store] | None = None
 _resumed = 0  # resumes this worker ran
 
 
-def lower_priority(priority: str) -> None:
-    """Flow code yields the CPU: mail is accepted and answered first, resumes use what is left.
-
-    "idle" (Linux SCHED_IDLE) leaves the worker only CPU time nothing else
-    wants: during a burst of replies the SMTP listener keeps its pace and the
-    backlog is resumed once the burst is over (an idle machine is all theirs).
-    "low" is a niceness `WORKER_NICENESS` below the daemon's own stages.
-    """
-    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
-        os.nice(WORKER_NICENESS if priority == "low" else 19)
-
-
 def init_worker(config: Config) -> None:
-    """Worker start: import paths, the daemon's config for `MailProvider`, crewAI imported once."""
+    """Worker start: end with the parent, import paths, the daemon's config for `MailProvider`.
+
+    A worker forked from the zygote (`workers.py`) has crewAI, the flow modules
+    and its priority already; one started as a fresh interpreter gets them here.
+    """
     global _worker
-    lower_priority(config.daemon.resume_priority)
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-    for path in reversed(config.flows.import_paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    from hitl_mail import workers
+    from hitl_mail.children import die_with_parent
+
+    die_with_parent(workers.ZYGOTE_PID)
+    # The pool ends its workers with SIGTERM when one of them died; a signal sent to
+    # every process of the daemon (a terminal's Ctrl-C, a reload) is the daemon's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if workers.ZYGOTE_PID is None:
+        lower_priority(config.daemon.resume_priority)
+        preload(config.flows.import_paths, ())
+    else:
+        add_import_paths(config.flows.import_paths)  # the parent's sys.path was set back
     from hitl_mail.provider import bind_daemon
 
     store = Store(config.daemon.database_url)
     bind_daemon(config, store)
     _worker = (config, store)
+
+
+def add_import_paths(import_paths: Sequence[str]) -> None:
+    """After the standard library and installed packages: a flow module never shadows them."""
+    for path in import_paths:
+        if path not in sys.path:
+            sys.path.append(path)
+
+
+def preload(import_paths: Sequence[str], flow_classes: Sequence[str]) -> None:
+    """Import what every resume needs: crewAI, hitl-mail's resume code, the named flows' modules.
+
+    A flow class that cannot be imported is skipped here: its resume reports why.
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    add_import_paths(import_paths)
     import crewai.flow.flow  # noqa: F401  (pay the import once, not per resume)
+
+    from hitl_mail import persistence, provider  # noqa: F401
 
     # Every Flow() builds a Memory, whose storage imports lancedb: seconds (tens under
     # load) that the first resume of each worker would otherwise wait for.
     with contextlib.suppress(ImportError):
         importlib.import_module("crewai.memory.storage.lancedb_storage")
+    for name in flow_classes:
+        try:
+            import_flow_class(name, import_paths)
+        except Exception as exc:  # a flow module may raise anything at import
+            log.debug("flow class %r not preloaded: %s", name, exc)
 
 
 def resume_request(request_id: str, attempts: int) -> ResumeResult:
@@ -149,16 +186,104 @@ def restore(request: FeedbackRequest, store: Store) -> Any:
     return flow
 
 
-def import_flow_class(dotted: str) -> Any:
-    module_name, _, class_name = dotted.rpartition(".")
-    if not module_name:
-        raise ImportError(f"flow class {dotted!r} is not of the form module.Class")
+class FlowClassRefused(ImportError):
+    """The named class is not one hitl-mail resumes (see `import_flow_class`)."""
+
+
+def import_flow_class(dotted: str, import_paths: Sequence[str] | None = None) -> Any:
+    """The `crewai.flow.flow.Flow` subclass named `module.Class`, or FlowClassRefused/ImportError.
+
+    The name comes from a database row, so it is checked before anything is
+    imported: identifiers only, not a standard-library module, and a
+    top-level module found under `import_paths` (appended to sys.path, never
+    ahead of the standard library) or belonging to an installed package.
+    Only then is the module imported, and the attribute must be a Flow class.
+    """
+    if import_paths is None:
+        import_paths = _worker[0].flows.import_paths if _worker is not None else ()
+    module_name, class_name = _checked_name(dotted)
+    top = module_name.partition(".")[0]
+    add_import_paths(import_paths)
     importlib.invalidate_caches()  # a module fixed on disk since the last try is seen
-    module = importlib.import_module(module_name)
     try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no class {class_name!r}") from None
+        spec = importlib.util.find_spec(top)
+    except ValueError:  # imported already, without a spec (__main__ of a script)
+        spec = None
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"No module named {top!r} under [flows].import_paths {list(import_paths)} "
+            "or in the installed packages",
+            name=top,
+        )
+    if not _allowed_origin(top, spec, import_paths):
+        raise FlowClassRefused(
+            f"flow class {dotted!r} refused: module {top!r} ({spec.origin}) is neither under "
+            f"[flows].import_paths {list(import_paths)} nor an installed package"
+        )
+    module = importlib.import_module(module_name)
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise ImportError(f"module {module_name!r} has no class {class_name!r}")
+    from crewai.flow.flow import Flow
+
+    if not (isinstance(found, type) and issubclass(found, Flow)):
+        raise FlowClassRefused(
+            f"flow class {dotted!r} refused: {found!r} is not a crewai.flow.flow.Flow subclass"
+        )
+    return found
+
+
+def _checked_name(dotted: str) -> tuple[str, str]:
+    module_name, _, class_name = dotted.rpartition(".")
+    parts = dotted.split(".")
+    if (
+        not module_name
+        or len(dotted) > 400
+        or not dotted.isascii()
+        or not all(part.isidentifier() and not keyword.iskeyword(part) for part in parts)
+    ):
+        raise FlowClassRefused(
+            f"flow class {dotted[:200]!r} refused: not of the form module.Class (Python identifiers)"
+        )
+    top = parts[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "__main__":
+        raise FlowClassRefused(
+            f"flow class {dotted!r} refused: {top!r} is a standard-library module, not a flow module"
+        )
+    return module_name, class_name
+
+
+def _allowed_origin(top: str, spec: Any, import_paths: Sequence[str]) -> bool:
+    if spec.origin in (None, "built-in", "frozen") and not spec.submodule_search_locations:
+        return False
+    places = [spec.origin] if spec.origin not in (None, "namespace") else []
+    places += list(spec.submodule_search_locations or ())
+    roots = [*import_paths, *_site_packages()]
+    if places and all(_under(place, roots) for place in places):
+        return True
+    return top in _installed_top_level_names()  # an editable install, say
+
+
+@functools.cache
+def _installed_top_level_names() -> frozenset[str]:
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+def _site_packages() -> list[str]:
+    paths = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    with contextlib.suppress(AttributeError):  # site may be stubbed (virtualenv, embedded)
+        paths.update(site.getsitepackages())
+        paths.add(site.getusersitepackages())
+    return [p for p in paths if p]
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def take_control(flow: Any, outcome: str | None) -> None:
@@ -214,27 +339,51 @@ def _outcome_of(result: Any) -> ResumeResult:
 def _stop_pool(pool: Executor) -> None:
     """Stop a worker pool now: what still runs after the shutdown budget is ended.
 
-    Without this, interpreter exit joins the workers, and one still importing
-    crewAI (seconds, more on a loaded machine) or running a slow flow method
-    holds `serve` past its shutdown timeout. An ended resume keeps its request
-    `answered`; its released lease lets the next start resume it.
+    Without this, interpreter exit joins the workers, and one running a slow
+    flow method holds `serve` past its shutdown timeout. An ended resume keeps
+    its request `answered`; its released lease lets the next start resume it.
     """
+    if isinstance(pool, WorkerPool):
+        pool.stop()
+        return
     processes = list(
         (getattr(pool, "_processes", None) or {}).values()
     )  # CPython's ProcessPoolExecutor
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
-            process.terminate()
+            process.kill()
 
 
-def worker_pool(config: Config) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(
-        max_workers=config.daemon.resume_workers,
-        mp_context=multiprocessing.get_context("spawn"),
+def worker_pool(config: Config) -> WorkerPool:
+    """Workers forked from a zygote that imports crewAI and the flow modules once (`workers.py`)."""
+    return WorkerPool(
+        config.daemon.resume_workers,
+        preload_settings(config.daemon.resume_priority, config.flows.import_paths, ()),
         initializer=init_worker,
         initargs=(config,),
     )
+
+
+def flows_in_use(store: Store, limit: int = 100) -> list[str]:
+    """The flow classes of requests that may still be resumed: the zygote imports their modules."""
+    import sqlalchemy as sa
+
+    from hitl_mail.models import RequestStatus
+
+    waiting = (RequestStatus.PENDING, RequestStatus.ANSWERED, RequestStatus.RESUME_FAILED)
+    query = (
+        sa.select(FeedbackRequest.flow_class)  # type: ignore[call-overload]
+        .where(FeedbackRequest.status.in_(waiting))  # type: ignore[attr-defined]
+        .distinct()
+        .limit(limit)
+    )
+    try:
+        with store.reading() as session:
+            return [str(name) for name in session.execute(query).scalars()]
+    except Exception as exc:  # preloading is an optimisation: a resume imports what it needs
+        log.debug("flow classes to preload not read: %s", exc)
+        return []
 
 
 class Resumer:
@@ -253,20 +402,39 @@ class Resumer:
         self.wakeup = asyncio.Event()
         self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.pool: Executor = worker_pool(config)
+        self._starting: set[asyncio.Task[None]] = set()
+        self._closed = False  # drained: no pool starts again
         self.on_paused_again = on_paused_again or (lambda: None)
         self.observe = observe or (lambda ok: None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: list[Executor] = []  # pools replaced by a reload, still finishing
 
     def warm_up(self) -> None:
-        """Start the workers now, so the first resume does not wait for crewAI's import."""
-        for _ in range(self.config.daemon.resume_workers):
-            self.pool.submit(os.getpid)
+        """Start the workers now, in the background: the first resume does not wait for them."""
+        task = asyncio.ensure_future(self._warm_up(self.pool))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _warm_up(self, pool: Executor) -> None:
+        try:
+            await self._started(pool)
+        except BrokenProcessPool as exc:
+            log.error("resume workers did not start: %s", exc)
+
+    async def _started(self, pool: Executor) -> None:
+        """The pool's workers forked and ready for their first call."""
+        if self._closed:
+            raise BrokenProcessPool("the resume stage is stopping")
+        if isinstance(pool, WorkerPool):
+            await pool.start(lambda: flows_in_use(self.store))
 
     def reload(self, config: Config) -> None:
-        """New import paths and settings take effect in fresh workers; running resumes finish."""
+        """New import paths, flow code and settings take effect in fresh workers; running resumes finish."""
         old, self.pool, self.config = self.pool, worker_pool(config), config
-        old.shutdown(wait=False)
+        if isinstance(old, WorkerPool):
+            old.stop_when_idle()
+        else:
+            old.shutdown(wait=False)
         self._retired.append(old)
         self.warm_up()
 
@@ -289,8 +457,11 @@ class Resumer:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
+        self._closed = True
+        for task in self._starting:
+            task.cancel()
         for pool in (*self._retired, self.pool):
-            _stop_pool(pool)
+            await asyncio.to_thread(_stop_pool, pool)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         # A worker is free: look for the next answered request now, not at the next poll.
@@ -306,16 +477,21 @@ class Resumer:
         renew = asyncio.create_task(self._keep_lease(request.id))
         pool = self.pool
         try:
+            await self._started(pool)
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(
                 pool, resume_request, request.id, request.resume_attempts
             )
-        except BrokenProcessPool:
+        except BrokenProcessPool as exc:
             result = ResumeResult(
-                ok=False, error="the resume worker process died (killed or crashed)"
+                ok=False,
+                error=str(exc)
+                if isinstance(exc, WorkersDidNotStart)
+                else "the resume worker process died (killed or crashed)",
             )
-            if pool is self.pool:  # every resume in the broken pool lands here; replace it once
+            if pool is self.pool and not self._closed:  # every resume in it lands here: once
                 self.pool = worker_pool(self.config)
+                await asyncio.to_thread(_stop_pool, pool)
         except asyncio.CancelledError:
             await asyncio.to_thread(self.store.release_lease, request.id)
             raise

@@ -394,8 +394,9 @@ def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume
             return os.sched_getscheduler(pid) == os.SCHED_IDLE
         return niceness(pid) == base + 7  # 5 below the stages
 
-    def workers() -> list[int]:  # resume_workers = 2
-        found = [c for c in children(daemon.pid) if lowered(c)]
+    def workers() -> list[int]:  # resume_workers = 2, forked from a zygote of the daemon's
+        zygotes = [c for c in children(daemon.pid) if lowered(c)]
+        found = [w for z in zygotes for w in children(z) if lowered(w)]
         return found if len(found) == 2 else []
 
     wait_until(workers, 60, what=f"two resume workers at priority {priority!r}")
