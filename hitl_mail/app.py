@@ -103,11 +103,17 @@ class App:
     async def startup(self) -> None:
         """Migrate, listen, start the stages; raises OSError when a port cannot be bound.
 
-        Not `systemd.ready()`: the caller says ready once it can handle signals.
+        Not `systemd.ready()`: the caller handles signals before calling this, and
+        says ready when `ready` is set. A stop (`stopping`) arriving meanwhile ends
+        the start-up between two steps, not ready; `shutdown()` stops what started.
         """
         config = self.config
         await asyncio.to_thread(self.store.migrate)
+        if self.stopping.is_set():
+            return
         self.smtp_port = await self.listener.start()
+        if self.stopping.is_set():
+            return
         # Accepting mail comes first: an SMTP client waits on every 250, while
         # answering, sending and resuming only have to keep up. The listener
         # keeps its priority; this process (and the resume workers it starts
@@ -132,6 +138,8 @@ class App:
         if config.health.enabled and not self._health_on_http():
             self._health = HealthServer(self.metrics)
             self.health_port = await self._health.start(config.health.host, config.health.port)
+        if self.stopping.is_set():
+            return
         self.ready = True
         log.info(
             "ready: SMTP on %s:%d (listener process %s), database %s",

@@ -15,8 +15,32 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hitl_mail.config import Config, ConfigError, config_path, load_config
-from hitl_mail.store import NotFound, Store
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_early_signals: list[int] = []  # received by `serve` before its event loop handles them
+
+
+def _record_early_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
+
+
+def _serve_started_from_the_command_line() -> bool:
+    import multiprocessing
+
+    # Not when a child process of the daemon re-imports this module as its parent's
+    # __main__ (multiprocessing's "inheriting" phase): the child sets its own handlers.
+    inheriting = getattr(multiprocessing.current_process(), "_inheriting", False)
+    return sys.argv[1:2] == ["serve"] and not inheriting
+
+
+# `serve` must exit 0 on SIGTERM or SIGINT at any moment, and importing the rest of
+# the daemon takes half a second during which Python's default action would kill it:
+# from here on a stop (or SIGHUP) is recorded, and `serve` acts on it once it can.
+if _serve_started_from_the_command_line():
+    for _sig in (*STOP_SIGNALS, signal.SIGHUP):
+        signal.signal(_sig, _record_early_signal)
+
+from hitl_mail.config import Config, ConfigError, config_path, load_config  # noqa: E402
+from hitl_mail.store import NotFound, Store  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("hitl_mail")
@@ -119,17 +143,32 @@ async def serve(config: Config, config_arg: str | None) -> int:
     from hitl_mail.app import App
 
     app = App(config)
+    # Signals first, before anything starts: a stop during start-up ends the start-up
+    # (what was started is shut down) and `serve` exits 0; a reload waits for ready.
+    loop = asyncio.get_running_loop()
+    reloads: list[int] = [s for s in _early_signals if s == signal.SIGHUP]
+
+    def hangup() -> None:
+        if app.ready:
+            _reload(app, config_arg, systemd)
+        else:
+            reloads.append(signal.SIGHUP)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, app.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    if any(s in STOP_SIGNALS for s in _early_signals):
+        app.stopping.set()
     try:
-        await app.startup()
+        await app.startup()  # returns early, not ready, when a stop arrives meanwhile
     except OSError as exc:
         log.error("cannot start: %s", exc)
         await app.shutdown()
         return EXIT_USAGE
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(app, config_arg, systemd))
-    systemd.ready()  # only now: a reload or stop signal right after READY=1 must be handled
+    if app.ready:
+        systemd.ready()  # only now: a reload or stop signal right after READY=1 is handled
+        if reloads:
+            _reload(app, config_arg, systemd)
     await app.stopping.wait()
     await app.shutdown()
     return EXIT_ERROR if app.failed else EXIT_OK

@@ -51,6 +51,10 @@ QUIET_ENV = {
     "OPENAI_API_KEY": "test-key",
 }
 os.environ.update(QUIET_ENV)
+# Every process this session starts inherits the mark, however far it is re-parented:
+# the session's end checks that none is left (`pytest_sessionfinish`).
+TEST_RUN_MARK = ("HITL_MAIL_TEST_RUN", uuid.uuid4().hex)
+os.environ[TEST_RUN_MARK[0]] = TEST_RUN_MARK[1]
 
 # A daemon started in this process imports litellm in a background thread. On
 # Python 3.11 that import racing pytest's own ast.parse (when it renders a
@@ -490,12 +494,105 @@ def run_in_thread(fn: Callable[[], Any]) -> threading.Thread:
     return thread
 
 
+# -- processes ---------------------------------------------------------------------------
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every running process."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> set[int]:
+    """Children, grandchildren, ... of `pid`, running now."""
+    children: dict[int, list[int]] = {}
+    for child, parent in process_parents().items():
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def marked(name: str, value: str) -> set[int]:
+    """Running processes started with `name=value` in their environment, wherever they are now."""
+    needle = f"{name}={value}".encode()
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.add(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return {pid for pid in found if running(pid)}
+
+
+def describe_process(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        parent = process_parents().get(pid)
+    except OSError:
+        return f"{pid} (ended)"
+    return f"pid {pid} (parent {parent}): {cmdline.strip()[:300]}"
+
+
+def _ends_with_this_process(pid: int) -> bool:
+    """multiprocessing's fork server and resource tracker of this process: they end when it does."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return process_parents().get(pid) == os.getpid() and (
+        b"from multiprocessing.forkserver import main" in cmdline
+        or b"from multiprocessing.resource_tracker import main" in cmdline
+    )
+
+
+def leftover_processes(grace: float = 10.0) -> list[int]:
+    """Processes this session started that are still running after `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = (marked(*TEST_RUN_MARK) | descendants(os.getpid())) - {os.getpid()}
+        left = {pid for pid in left if not _safe(_ends_with_this_process, pid)}
+        if not left or time.monotonic() > deadline:
+            return sorted(left)
+        time.sleep(0.2)
+
+
+def _safe(check: Callable[[int], bool], pid: int) -> bool:
+    try:
+        return check(pid)
+    except OSError:
+        return True  # ended meanwhile: not left
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Collect what tests left for the garbage collector now, not at interpreter exit.
+    """Collect what tests left for the garbage collector, then fail the run if a process is left.
 
     Engines of stores a test did not close still hold pooled PostgreSQL
     connections; collected after the session, their ResourceWarning would fail
     a run whose tests all passed. Leaks inside a test still fail that test.
+
+    Every process a test started (a daemon, its listener, resume workers, a
+    flow) must have ended: one that outlives the suite would outlive a crashed
+    daemon in production too.
     """
     import gc
     import warnings
@@ -503,3 +600,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+    left = leftover_processes()
+    if left:
+        print("\nprocesses started by this test run are still running:", file=sys.stderr)
+        for pid in left:
+            print(f"  {describe_process(pid)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
