@@ -1,9 +1,9 @@
 """Who may answer (SPEC 9): sender authentication and the thread fallback, in the real App.
 
-Replies with a token travel over real SMTP to the App's listener. Replies to
-the bare `reply@` address are stored as the SMTP edge stores them (the edge
-itself refuses that address unless configured to take it): what matters
-here is what the answering stage makes of them.
+Every reply travels over real SMTP to the App's listener, except where the
+listener refuses the bare `reply@` address (by default): there the test also
+stores the reply as the listener would have (say, while `thread_fallback`
+was on) to show what the answering stage makes of it.
 """
 
 from __future__ import annotations
@@ -146,8 +146,12 @@ async def test_a_bare_reply_with_only_in_reply_to_and_a_forged_from_answers_noth
 ) -> None:
     async with start() as daemon:
         request, notification = await daemon.notified()
+        forged = bare_reply(notification, "Approved")
 
-        daemon.store_bare(bare_reply(notification, "Approved"), mail_from=FORGER)
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await daemon.send(forged, mail_from=FORGER, rcpt=BARE)
+        assert refused.value.code == 550
+        daemon.store_bare(forged, mail_from=FORGER)  # taken while the listener still did
 
         assert await daemon.processed() == ["unmatched"]
         assert daemon.app.store.get(request.id).status == "pending"
@@ -182,7 +186,7 @@ async def test_with_thread_fallback_on_a_bare_reply_is_matched_through_reference
             " ".join(thread).encode(), separator.join(thread).encode()
         )
 
-        daemon.store_bare(raw, mail_from=ASSIGNEE)
+        await daemon.send(raw, mail_from=ASSIGNEE, rcpt=BARE)
 
         assert await daemon.processed() == ["answered"]
         assert daemon.app.store.get(request.id).outcome == "rejected"
@@ -192,7 +196,9 @@ async def test_with_thread_fallback_on_the_from_check_still_holds(start: Start) 
     async with start(inbound="thread_fallback = true") as daemon:
         request, notification = await daemon.notified()
 
-        daemon.store_bare(bare_reply(notification, "Approved", sender=FORGER), mail_from=FORGER)
+        await daemon.send(
+            bare_reply(notification, "Approved", sender=FORGER), mail_from=FORGER, rcpt=BARE
+        )
 
         assert await daemon.processed() == ["wrong_sender"]
         assert daemon.app.store.get(request.id).status == "pending"
@@ -206,7 +212,7 @@ async def test_when_senders_must_authenticate_a_bare_reply_that_passed_is_matche
         raw = f"Authentication-Results: {DMARC_PASS}\r\n".encode()
         raw += bare_reply(notification, "Approved")
 
-        daemon.store_bare(raw, mail_from=ASSIGNEE)
+        await daemon.send(raw, mail_from=ASSIGNEE, rcpt=BARE)
 
         assert await daemon.processed() == ["answered"]
         assert daemon.app.store.get(request.id).outcome == "approved"
@@ -218,7 +224,7 @@ async def test_when_senders_must_authenticate_a_bare_reply_with_a_forged_from_is
     async with start(authentication=DMARC) as daemon:
         request, notification = await daemon.notified()
 
-        daemon.store_bare(bare_reply(notification, "Approved"), mail_from=FORGER)
+        await daemon.send(bare_reply(notification, "Approved"), mail_from=FORGER, rcpt=BARE)
 
         assert await daemon.processed() == ["unauthenticated"]
         assert daemon.app.store.get(request.id).status == "pending"
@@ -233,7 +239,7 @@ async def test_a_reply_to_an_old_notification_of_a_reassigned_request_matches_no
             request.id, ["pending"], {"notification_id": "<hitl.newer@example.com>"}, []
         )
 
-        daemon.store_bare(bare_reply(notification, "Approved"), mail_from=ASSIGNEE)
+        await daemon.send(bare_reply(notification, "Approved"), mail_from=ASSIGNEE, rcpt=BARE)
 
         assert await daemon.processed() == ["unmatched"]
 
