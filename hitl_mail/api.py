@@ -42,6 +42,9 @@ from hitl_mail.web import BodyTooLarge, WebServer, is_json, read_body
 log = logging.getLogger(__name__)
 
 MAX_LIST = 1000
+# Connections and requests at once; more are answered 503 at once (uvicorn's
+# limit_concurrency), so a flood cannot hold the daemon's loop or memory.
+MAX_CONNECTIONS = 200
 _bearer = HTTPBearer(auto_error=False, description="One of [http].api_keys")
 
 
@@ -228,7 +231,7 @@ class HttpServer:
 
     def __init__(self, api: HttpApi) -> None:
         self.api = api
-        self._web = WebServer(api.app, name="http")
+        self._web = WebServer(api.app, max_connections=MAX_CONNECTIONS, name="http")
 
     async def start(self, host: str, port: int) -> int:
         return await self._web.start(host, port)

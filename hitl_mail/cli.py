@@ -321,10 +321,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     from hitl_mail.metrics import probe
 
     config = _config(args)
-    if not config.health.enabled:
-        print("[health] is not enabled in the configuration", file=sys.stderr)
+    # [health] first: the loopback probe port; else the [http] server, which serves it too.
+    served = config.health if config.health.enabled else config.http
+    if not served.enabled:
+        print("neither [health] nor [http] is enabled in the configuration", file=sys.stderr)
         return EXIT_USAGE
-    url = f"http://{config.health.host}:{config.health.port}/readyz"
+    url = f"http://{served.host}:{served.port}/readyz"
     ready = probe(url, timeout=5.0)
     print("ready" if ready else "not ready")
     return EXIT_OK if ready else EXIT_ERROR

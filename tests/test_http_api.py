@@ -30,7 +30,7 @@ from conftest import (
 from llm_server import FakeLLMServer
 
 from hitl_mail import app as app_module
-from hitl_mail import callbacks, intake, outcomes
+from hitl_mail import callbacks, cli, intake, outcomes
 from hitl_mail.app import App
 from hitl_mail.config import Config, hash_api_key, load_config
 from hitl_mail.models import FeedbackRequest, RequestStatus
@@ -419,3 +419,14 @@ async def test_callback_urls_name_the_public_url_and_need_http_enabled(
         update={"http": daemon.config.http.model_copy(update={"enabled": False})}
     )
     assert callbacks.callback_url(disabled, "abcdefghijklmnop") is None
+
+
+async def test_hitl_mail_health_probes_the_http_server_when_health_is_off(
+    daemon: HttpDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not daemon.config.health.enabled
+    args = ["health", "--config", str(daemon.config.source)]
+
+    code = await asyncio.to_thread(cli.main, args)
+
+    assert (code, capsys.readouterr().out.strip()) == (0, "ready")
