@@ -76,7 +76,16 @@ async def serve_edge(config_path: str) -> None:
     logs.setup(config.logging)
     store = Store(config.daemon.database_url)
     await asyncio.to_thread(store.migrate)
-    handler = ReplyHandler(store, addressing(config), config.secret_keys, on_stored=lambda: None)
+    limits: dict[str, Any] = {}
+    if hasattr(config.inbound, "max_pending_replies_per_request"):  # absent from older code
+        # The edge alone answers nothing, so its stored replies never stop waiting: a
+        # run of a few seconds over TOKENS requests would reach the daemon's cap per
+        # request and measure 452s, not stores.
+        inbound = config.inbound.model_copy(update={"max_pending_replies_per_request": 1000})
+        limits = {"settings": inbound, "token_max_age": config.tokens.max_age}
+    handler = ReplyHandler(
+        store, addressing(config), config.secret_keys, on_stored=lambda: None, **limits
+    )
     server = await start_listener(config.inbound, handler, hostname=config.outbound.domain)
     await _serve(server)
     close = getattr(handler, "close", None)  # absent from a --baseline before edgestore.py
