@@ -40,6 +40,7 @@ _SALT = b"hitl-mail.reply-token"
 _ALGORITHM = HMACAlgorithm(hashlib.sha256)
 # Linear: a position inside a run fails the look-behind at once.
 _TOKEN_RUN = re.compile(rf"(?<![a-z2-7])[a-z2-7]{{{TOKEN_LENGTH},}}", re.IGNORECASE)
+_TOKEN_PARAM = re.compile(r"(?<=[?&;]token=)[^&#\s\"'<>…]{7,}", re.IGNORECASE)
 
 
 class BadToken(Exception):
@@ -115,9 +116,10 @@ def redact(text: str) -> str:
     A token is a credential (SPEC 9): whoever holds it can answer from the
     assignee's address. Any run of 48 or more token-alphabet characters, in
     either case, is shown as its first `SHOWN` characters and "…", whether it
-    sits in `reply+TOKEN@`, in a Message-ID or in a quoted reply.
+    sits in `reply+TOKEN@`, in a Message-ID or in a quoted reply; so is the
+    value of a `token=` URL parameter (a callback URL's own token).
     """
-    return _TOKEN_RUN.sub(_shorten, text)
+    return _TOKEN_PARAM.sub(_shorten, _TOKEN_RUN.sub(_shorten, text))
 
 
 def redacted(value: Any) -> Any:

@@ -295,6 +295,16 @@ def test_redact_cuts_every_token_to_its_first_six_characters_wherever_it_sits(to
 
 
 @pytest.mark.sqlite_only
+def test_redact_cuts_the_token_parameter_of_a_url() -> None:
+    signed = "InJlcTEi.Z1abcd.q9v8K-7xYzAbCdEfGhIjKlMnOpQrStUvWxYz0123456789_"
+    url = f"https://hitl.example.com/api/requests/req1/callback?token={signed}&x=1"
+    assert redact(f'"POST {url} HTTP/1.1" 200') == (
+        '"POST https://hitl.example.com/api/requests/req1/callback?token=InJlcT…&x=1 HTTP/1.1" 200'
+    )
+    assert redact("?token=short") == "?token=short"
+
+
+@pytest.mark.sqlite_only
 def test_redacted_reaches_every_string_of_an_audit_detail(token: str) -> None:
     detail = {"to": [f"reply+{token}@r.example.com"], f"k{token}": {"why": token}, "n": 3}
     assert token not in repr(redacted(detail)).lower()
