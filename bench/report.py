@@ -356,6 +356,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         and json.loads(baseline.read_text()).get("quick") == results["quick"]
     ):
         lines += before_after(results, json.loads(baseline.read_text()))
+    fuzzing = BENCH / "results" / "fuzz.md"  # `python -m bench.fuzz --write`, run on its own
+    if fuzzing.exists():
+        lines += [fuzzing.read_text().rstrip(), ""]
     findings = BENCH / "findings.md"
     if findings.exists():
         lines += [findings.read_text().rstrip(), ""]

@@ -37,8 +37,8 @@ text part is cut to ``MAX_PART_CHARS`` (256 Ki characters; HTML markup
 likewise), only its first ``MAX_TEXT_CHARS`` (64 Ki) and ``MAX_TEXT_LINES`` (2,000)
 are searched for the new text. The stdlib's MIME parser checks every line against
 every enclosing boundary, so a message with more than 100 boundaries, more than
-1,000 delimiter lines, or more than a million (boundaries x lines) is read for its
-headers only, and its text is empty. An answer sits at the top of a reply or under
+1,000 delimiter lines, or more than 250,000 (boundaries x lines) is read for its
+headers only, and its text is empty (a 1 MB reply with attachments makes ~70,000). An answer sits at the top of a reply or under
 a short quote, so the caps cost nothing a person types by hand.
 """
 
@@ -70,7 +70,7 @@ _MAX_PART_BYTES = 4 * MAX_PART_CHARS  # of a part, before decoding (4: UTF-32's 
 _MAX_PARTS = 200
 _MAX_BOUNDARIES = 100
 _MAX_DELIMITERS = 1000
-_MAX_LINE_CHECKS = 1_000_000  # boundaries x lines: the stdlib's cost of splitting the parts
+_MAX_LINE_CHECKS = 250_000  # boundaries x lines: the stdlib's cost of splitting the parts
 _MAX_MIME_FIELD = 4096  # octets of a Content-Type or Content-Disposition field
 _MAX_MIME_PARAMS = 64
 _MAX_CHARSETS = 32  # distinct charset labels in one message
