@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ MAX_SIGNATURES = 3  # aligned DKIM signatures tried, each one DNS lookup
 # 2.1.1 caps a line at 998 characters, so a longer run is no real mail.
 MAX_BLANK_RUN = 998
 DNS_TIMEOUT = 5.0  # seconds per key lookup
+VERIFY_BUDGET = 8.0  # seconds of key lookups for one message, all signatures together
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_BREAK = re.compile(rb"\r?\n(?![ \t])")  # a line break that does not fold
@@ -224,14 +226,14 @@ def verified_signer(raw: bytes, domain: str, dnsfunc: DnsFunc = system_dns) -> s
     except Exception:  # dkim.MessageFormatError, or worse on a hostile message
         return None
     signatures = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
-    tried = 0
-    for index, value in enumerate(signatures):
-        signer = _aligned_signer(value, domain)
-        if signer is None:
-            continue
-        if tried == MAX_SIGNATURES:
+    aligned = [(i, s) for i, v in enumerate(signatures) if (s := _aligned_signer(v, domain))]
+    deadline = time.monotonic() + VERIFY_BUDGET
+    for index, signer in aligned[:MAX_SIGNATURES]:
+        # Each lookup gets what is left of the budget: a slow name server holds
+        # the answering stage's worker thread for VERIFY_BUDGET at most.
+        verifier.timeout = min(DNS_TIMEOUT, deadline - time.monotonic())
+        if verifier.timeout <= 0:
             break
-        tried += 1
         try:
             if verifier.verify(idx=index, dnsfunc=dnsfunc):
                 return signer

@@ -31,8 +31,8 @@ class Keys:
         wanted = f"{self.selector}._domainkey.{self.domain}.".encode()
         return self.record if name == wanted else None
 
-    def sign(self, raw: bytes, **options: object) -> bytes:
-        signature: bytes = dkim.sign(
-            raw, self.selector.encode(), self.domain.encode(), self.private, **options
-        )
+    def sign(self, raw: bytes, selector: str | None = None, **options: object) -> bytes:
+        """`raw` with a DKIM-Signature on top (under another `selector` if given)."""
+        chosen = (selector or self.selector).encode()
+        signature: bytes = dkim.sign(raw, chosen, self.domain.encode(), self.private, **options)
         return signature + raw

@@ -220,6 +220,27 @@ def test_a_resolver_that_fails_is_a_failed_check_not_a_crash(keys: Keys) -> None
     assert not check(keys.sign(REPLY), DKIM_HERE, dnsfunc=broken).passed
 
 
+def test_slow_key_lookups_share_one_time_budget_per_message(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(authentication, "VERIFY_BUDGET", 0.6)
+    signed = REPLY
+    for selector in ("a", "b", "c"):
+        signed = keys.sign(signed, selector=selector)
+    asked: list[float] = []
+
+    def slow(name: bytes, timeout: float = 5.0) -> bytes | None:
+        asked.append(timeout)
+        time.sleep(timeout)  # a name server that never answers
+        return None
+
+    started = time.perf_counter()
+    assert not check(signed, DKIM_HERE, dnsfunc=slow).passed
+    assert time.perf_counter() - started < 1.5
+    assert 1 <= len(asked) <= 3
+    assert sum(asked) <= 0.6
+
+
 def test_under_dmarc_a_signature_verified_here_counts_as_an_aligned_dkim_pass(keys: Keys) -> None:
     settings = AuthenticationSettings(require="dmarc", verify_dkim=True)
     assert check(keys.sign(REPLY), settings, dnsfunc=keys.dns).passed
