@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -127,10 +128,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MIN_SECRET_CHARS = 32
+MIN_SECRET_DISTINCT = 8  # 32 random hex digits have 14 on average, and fewer than 8 ~never
+# deploy/env.example's value, and what people type when a key is asked for.
+_PLACEHOLDER_SECRETS = {"change-me-to-a-long-random-string", "changeme", "secret", "test"}
+_PLACEHOLDER_WORDS = (
+    "changeme",
+    "change-me",
+    "change_me",
+    "replace-me",
+    "replaceme",
+    "placeholder",
+)
+_SECRET_HOWTO = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def _secret(value: str) -> str:
+    """A signing key that is long and random-looking; the reason otherwise, never the key."""
+    lowered = value.strip().lower()
+    if lowered in _PLACEHOLDER_SECRETS or any(w in lowered for w in _PLACEHOLDER_WORDS):
+        raise ValueError(f"is a placeholder, not a secret; {_SECRET_HOWTO}")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"is {len(value)} characters; use at least {MIN_SECRET_CHARS} random ones: "
+            + _SECRET_HOWTO
+        )
+    if len(set(value)) < MIN_SECRET_DISTINCT or (value + value).find(value, 1) < len(value):
+        raise ValueError(
+            f"is not random (too few distinct characters, or repeats); {_SECRET_HOWTO}"
+        )
+    return value
+
+
+SecretKey = Annotated[str, AfterValidator(_secret)]
+
+
 class DaemonSettings(_Section):
     database_url: str = "sqlite:///hitl-mail.db"
-    secret_key: str = Field(min_length=16)
-    old_secret_keys: tuple[str, ...] = ()
+    # Signs reply tokens: whoever knows it can answer any request (check-config refuses weak ones).
+    secret_key: SecretKey
+    old_secret_keys: tuple[SecretKey, ...] = ()
     poll_interval: Duration = timedelta(milliseconds=250)
     resume_workers: int = Field(default=2, ge=1, le=64)
     resume_priority: Literal["idle", "low"] = "idle"
@@ -228,8 +265,12 @@ class OutboundSettings(_Section):
     from_address: Mailbox
     username: str | None = None
     password: str | None = None
-    starttls: bool = False
+    # Unset: STARTTLS whenever the relay offers it (opportunistic, certificate not checked);
+    # true: required and verified; false: never (refused with a username: no login in clear).
+    starttls: bool | None = None
     use_tls: bool = False
+    # STARTTLS (or use_tls) required and the relay's certificate verified, login or not.
+    require_tls: bool = False
     timeout: Duration = timedelta(seconds=30)
     max_attempts: int = Field(default=8, ge=1, le=100)
     retry_initial: Duration = timedelta(seconds=5)
@@ -241,7 +282,15 @@ class OutboundSettings(_Section):
             raise ValueError(
                 "choose starttls (upgrade on connect) or use_tls (implicit TLS), not both"
             )
+        if self.starttls is False and not self.use_tls and (self.username or self.require_tls):
+            why = "require_tls is set" if self.require_tls else "the login would cross in clear"
+            raise ValueError(f"starttls = false turns TLS off, but {why}")
         return self
+
+    @property
+    def tls_required(self) -> bool:
+        """TLS, verified, before anything is sent: asked for, or needed to protect the login."""
+        return self.use_tls or bool(self.starttls) or self.require_tls or bool(self.username)
 
     @property
     def from_addr_spec(self) -> str:

@@ -100,14 +100,42 @@ class SmtpSender:
             port=s.port,
             timeout=s.timeout.total_seconds(),
             use_tls=s.use_tls,
-            start_tls=s.starttls,
-            tls_context=ssl.create_default_context() if (s.use_tls or s.starttls) else None,
+            start_tls=_start_tls(s),
+            tls_context=_tls_context(s),
         )
         await client.connect()
+        if s.tls_required and client.get_transport_info("sslcontext") is None:
+            client.close()  # never a login, a token or a message in clear text
+            raise aiosmtplib.SMTPException("the relay did not start TLS, which is required")
         if s.username:
             await client.login(s.username, s.password or "")
         self._client = client
         return client
+
+
+def _start_tls(settings: OutboundSettings) -> bool | None:
+    """aiosmtplib's start_tls: True required, False never, None when the relay offers it."""
+    if settings.use_tls:
+        return False  # TLS from the first byte
+    if settings.tls_required:
+        return True
+    return settings.starttls  # None: opportunistic (RFC 7435), False: off
+
+
+def _tls_context(settings: OutboundSettings) -> ssl.SSLContext | None:
+    """Verified when TLS is required; unverified when opportunistic, as MTAs do (RFC 7435 §3).
+
+    Opportunistic TLS is against eavesdropping only: a relay with a
+    self-signed certificate must not stop the mail it would have taken in clear.
+    """
+    if settings.tls_required:
+        return ssl.create_default_context()
+    if settings.starttls is False:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _classified(code: int, text: str) -> Exception:

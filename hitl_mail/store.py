@@ -9,8 +9,10 @@ the daemon calls them through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -109,11 +111,25 @@ class Resumable:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _create_private(sa.engine.make_url(url).database)
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _create_private(path: str | None) -> None:
+    """Create a missing SQLite file readable by its owner only (0600), whatever the umask.
+
+    It holds replies, tokens' requests and flow state. SQLite creates the WAL
+    and shared-memory files with the database file's permissions, so they
+    are 0600 too. An existing file keeps the permissions its owner gave it.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError, FileNotFoundError):  # no folder: SQLite says so
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:

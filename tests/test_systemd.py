@@ -203,7 +203,7 @@ def test_the_sysusers_file_creates_the_service_user(tmp_path: Path) -> None:
 def test_the_production_config_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     from hitl_mail.config import load_config
 
-    monkeypatch.setenv("HITL_MAIL_SECRET", "a-test-secret-long-enough")
+    monkeypatch.setenv("HITL_MAIL_SECRET", "a-test-secret-for-the-deploy-example-0123")
     config = load_config(DEPLOY / "hitl-mail.toml")
     assert config.daemon.database_url == "sqlite:////var/lib/hitl-mail/hitl-mail.db"
     assert config.inbound.host == "127.0.0.1"
