@@ -167,7 +167,11 @@ async def production_relay(listener: FakeListener) -> AsyncIterator[PostfixRelay
     }
     files = {
         name: (DEPLOY_POSTFIX / name).read_text()
-        for name in ("hitl-mail-verify", "hitl-mail-recipients.regexp")
+        for name in (
+            "hitl-mail-verify",
+            "hitl-mail-recipients.regexp",
+            "hitl-mail-header-checks.regexp",
+        )
     }
     postfix = PostfixRelay(
         reply_domain=REPLY_DOMAIN, target_port=listener.port, settings=settings, files=files
@@ -211,3 +215,37 @@ async def test_the_shipped_postfix_settings_refuse_unknown_tokens_while_the_send
     # about the address the regexp already refused.
     assert f"reply+{UNKNOWN_TOKEN}@reply.example.com" in listener.rcpt_seen
     assert "postmaster@reply.example.com" not in listener.rcpt_seen
+
+
+async def test_the_shipped_header_checks_drop_authentication_results_claiming_this_mta(
+    production_relay: PostfixRelay, listener: FakeListener
+) -> None:
+    """RFC 8601 section 5: only this MTA's milters may write its authserv-id."""
+    to = f"reply+{KNOWN_TOKEN}@reply.example.com"
+    forged = (
+        b"Authentication-Results: mx.example.com; dmarc=pass header.from=example.org\r\n"
+        b"Authentication-Results: MX.Example.COM (forged);\r\n dkim=pass header.d=example.org\r\n"
+        b"Authentication-Results: mx.example.com.evil.example; dmarc=pass\r\n"
+        b"Authentication-Results: elsewhere.example; dmarc=fail\r\n"
+    )
+    raw = forged + reply(to).as_bytes()
+
+    await aiosmtplib.send(
+        raw,
+        sender="alice@example.org",
+        recipients=[to],
+        hostname="127.0.0.1",
+        port=production_relay.port,
+        timeout=20,
+    )
+
+    try:
+        (envelope,) = await listener.wait_for(1)
+    except TimeoutError:
+        pytest.fail(f"Postfix did not relay within {DELIVERY_TIMEOUT}s:\n{production_relay.log()}")
+    relayed = message_from_bytes(envelope.original_content or b"")
+    assert relayed.get_all("Authentication-Results") == [
+        "mx.example.com.evil.example; dmarc=pass",
+        "elsewhere.example; dmarc=fail",
+    ]
+    assert relayed["Subject"] == "Re: Approve?"
