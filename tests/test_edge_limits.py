@@ -23,6 +23,7 @@ import aiosmtplib
 import pytest
 from conftest import SECRET, add_request, free_port, until, write_config
 from sqlmodel import select
+from test_tls import _self_signed
 
 from hitl_mail import tokens
 from hitl_mail.config import Config, ConfigError, InboundSettings, config_from_dict, load_config
@@ -95,7 +96,7 @@ def request_id(n: int) -> str:
 
 
 async def connect(port: int) -> aiosmtplib.SMTP:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False)
     await client.connect()
     return client
 
@@ -186,6 +187,29 @@ async def test_one_client_gets_at_most_max_connections_per_ip_unless_it_is_a_tru
         for client in clients:
             assert (await client.noop()).code == 250
             await client.quit()
+
+
+async def test_a_connection_that_switched_to_tls_counts_once_and_frees_its_slot(
+    config: Config, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    async with listening(limited(config, max_connections=1, tls_cert=cert, tls_key=key)) as edge:
+        for _ in range(3):  # each one in turn gets the only slot
+            client = await connect_when_free(edge.port)
+            await client.starttls(validate_certs=False)
+            assert (await client.noop()).code == 250
+            await client.quit()
+
+
+async def connect_when_free(port: int, within: float = 5.0) -> aiosmtplib.SMTP:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await connect(port)
+        except aiosmtplib.SMTPConnectResponseError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 # -- token guessing -------------------------------------------------------------------------
