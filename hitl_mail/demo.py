@@ -177,9 +177,8 @@ async def _demo(workdir: Path) -> None:
         write_toml(workdir / CONFIG_NAME, settings)
         _say("starting the daemon and loading crewAI (a few seconds) ...")
         async with App(config) as app:
-            # The resume worker imports crewAI once, when it starts; starting it now
-            # lets that import run while this process imports crewAI for kickoff.
-            app.resumer.pool.submit(os.getpid)
+            # The resume workers' zygote imports crewAI in the background (App.startup),
+            # while this process imports it for kickoff.
             await asyncio.to_thread(_import_flow_module)
             from hitl_mail.provider import bind_daemon
 
