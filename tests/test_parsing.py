@@ -7,13 +7,15 @@ end: the real daemon reading real costly messages.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import aiosmtplib
 import pytest
-from conftest import MailSink, ResumeParked, free_port, reply_to, write_config
+from conftest import MailSink, ResumeParked, Setup, free_port, reply_to, send, write_config
 from llm_server import FakeLLMServer
 from parse_hooks import parse_or_misbehave
 from test_answering import Daemon, answer
@@ -25,6 +27,7 @@ from hitl_mail.config import load_config
 from hitl_mail.parsing import Parsers
 
 PARSE_TIMEOUT = timedelta(seconds=1)
+FORGER = "mallory@attacker.example.net"
 
 
 @pytest.fixture
@@ -105,3 +108,53 @@ async def test_a_parse_worker_that_dies_refuses_its_reply_and_is_replaced(daemon
     await answer(daemon, reply_to(notification, "approved"))
     await daemon.event(request.id, "answered")
     assert daemon.app.answering.parsers.replaced == 1
+
+
+# -- end to end: costly charsets against the real daemon ----------------------------------------
+
+COSTLY = 8
+BODY_CHARS = 960_000  # quoted-printable adds 3 bytes a line: each message stays under 1 MB
+
+
+def punycode_reply(recipient: str, n: int) -> bytes:
+    """A reply whose body is one line that Python's punycode codec decodes in quadratic time."""
+    body = "-" + "a" * BODY_CHARS  # one run of deltas: a minute or more of CPU to decode
+    lines = [body[i : i + 75] for i in range(0, len(body), 75)]
+    return (
+        f"From: Boss <{FORGER}>\r\nTo: {recipient}\r\nSubject: Re: Approve?\r\n"
+        f"Message-ID: <costly.{n}@attacker.example.net>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=punycode\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n" + "=\r\n".join(lines) + "\r\n"
+    ).encode()
+
+
+@pytest.mark.slow
+def test_costly_charsets_are_refused_and_a_genuine_reply_after_them_resumes_its_flow_at_once(
+    setup: Setup,
+) -> None:
+    text = setup.config.read_text(encoding="utf-8")
+    setup.config.write_text(text.replace('max_message_size = "200KB"', 'max_message_size = "1MB"'))
+    setup.start_daemon()
+    info = setup.kickoff()["callback_info"]
+    [notification] = setup.sink.wait_for("notification", info["request_id"])
+    recipient = info["reply_to"]
+    costly = [punycode_reply(recipient, n) for n in range(COSTLY)]
+    assert all(900_000 < len(raw) < 1_000_000 for raw in costly)
+
+    async def deliver_costly() -> None:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=setup.smtp_port, timeout=60) as smtp:
+            for raw in costly:
+                await smtp.sendmail(FORGER, [recipient], raw)
+
+    asyncio.run(deliver_costly())
+    sent = time.monotonic()
+    send(setup.smtp_port, reply_to(notification, "Approved"))
+
+    [approved] = setup.wait_event("approved", timeout=60)
+    resumed_after = time.monotonic() - sent
+    assert approved["feedback"] == "Approved"
+    assert resumed_after < 15, f"resumed {resumed_after:.1f}s after the reply"
+    refusals = [
+        e for e in setup.show(info["request_id"])["audit"] if e["event"].startswith("reply_")
+    ]
+    assert len(refusals) == COSTLY  # each costly reply recorded as refused, none answered
