@@ -14,8 +14,9 @@ RFC 5322 section 3.4 (UTF-8 allowed, RFC 6532), and everything outside the
 narrow form a mail client writes is refused:
 
 - exactly one From field (a second one, even spelled ``From :``, is refused),
-  in a header section where every line is a field or its continuation, with
-  no NUL and no bare CR (which some parsers read as a line break, others not);
+  in a header section of at most 256 KiB where every line is a field or its
+  continuation, with no NUL and no bare CR (which some parsers read as a
+  line break, others not);
 - exactly one mailbox: ``addr-spec`` or ``[display-name] <addr-spec>``, with
   quoted strings and (nested) comments; no group, no list, no route, no domain
   literal, nothing but a phrase before ``<``; encoded words are plain atoms
@@ -38,6 +39,7 @@ import re
 from dataclasses import dataclass
 
 MAX_FIELD_OCTETS = 2048  # a From a client writes is well under one 998-octet line
+MAX_HEADER_SECTION = 256 * 1024  # real ones stay under 64 KiB, Received and DKIM included
 MAX_LOCAL_OCTETS = 64
 MAX_ADDRESS_OCTETS = 254
 MAX_COMMENT_DEPTH = 8
@@ -93,6 +95,8 @@ def from_fields(raw: bytes) -> list[bytes]:
     if raw.startswith((b"\n", b"\r\n")):
         return []
     section = raw[: end.start()] if end else raw
+    if len(section) > MAX_HEADER_SECTION:
+        raise BadSender(f"a header section over {MAX_HEADER_SECTION // 1024} KiB")
     if b"\x00" in section:
         raise BadSender("a NUL byte in the header section")
     if b"\r" in section.replace(b"\r\n", b""):
