@@ -17,7 +17,7 @@ def as_json(request: FeedbackRequest, trail: Sequence[AuditEvent] | None = None)
         "id": request.id,
         "status": request.status,
         "outcome": request.outcome,
-        "feedback": request.feedback,
+        "feedback": tokens.redacted(request.feedback),  # what a person typed: anything
         "source": request.source,
         "assigned_to": request.assigned_to,
         "flow_class": request.flow_class,
@@ -32,7 +32,7 @@ def as_json(request: FeedbackRequest, trail: Sequence[AuditEvent] | None = None)
         "routing_rule": request.routing_rule,
         "resumed_at": _iso(request.resumed_at),
         "resume_attempts": request.resume_attempts,
-        "error": request.last_error,
+        "error": tokens.redacted(request.last_error),
         **_sla(request),
     }
     if trail is not None:
@@ -88,7 +88,7 @@ def describe(request: FeedbackRequest, trail: Sequence[AuditEvent]) -> str:
         if key != "error"
     ]
     if request.last_error:
-        lines += ["", "error:", request.last_error.rstrip()]
+        lines += ["", "error:", tokens.redact(request.last_error).rstrip()]
     lines += ["", "audit trail:"]
     for event in trail:
         detail = (

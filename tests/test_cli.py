@@ -240,6 +240,8 @@ def test_requests_show_prints_no_token_even_from_an_audit_row_written_unredacted
     request = installation.create()
     assert request.token
     address = f"reply+{request.token}@reply.example.com"
+    pasted = {"feedback": f"see {address}", "last_error": f"no route to {address}"}
+    assert installation.store.transition(request.id, ["pending"], pasted)
     installation.store.add(  # as a release before redaction wrote it, not through audit_event
         AuditEvent(
             request_id=request.id,
