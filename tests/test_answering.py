@@ -623,6 +623,26 @@ async def test_two_replies_at_once_answer_once_and_the_second_is_told_it_was_alr
     assert already["X-HITL-Error"] == "already_answered"
     assert already["To"] == ASSIGNEE
 
+async def test_an_exact_answer_never_waits_behind_llm_calls_for_other_requests(
+    daemon: Daemon,
+) -> None:
+    daemon.llm.mode = "slow"  # each LLM answer takes 4 s
+    daemon.llm.delay = 4.0
+    waiting = [await daemon.notified() for _ in range(10)]  # more than the stage's 8 slots
+    request, notification = await daemon.notified()
+
+    for _, other in waiting:
+        await answer(daemon, reply_to(other, "Let us go with whatever finance prefers"))
+    await answer(daemon, reply_to(notification, "Rejected"))
+
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "rejected"
+    # Answered while the replies that need the LLM were still waiting for it.
+    assert [daemon.store.get(r.id).status for r, _ in waiting] == ["pending"] * len(waiting)
+    for other, _ in waiting:
+        await daemon.event(other.id, "answered")  # each in turn, through the LLM lane
+
+
 
 # -- undecided ------------------------------------------------------------------------------
 
