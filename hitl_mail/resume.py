@@ -233,6 +233,15 @@ def import_flow_class(dotted: str, import_paths: Sequence[str] | None = None) ->
     return found
 
 
+def refused_by_name(dotted: str) -> ResumeResult | None:
+    """The failed result for a flow class name refused before any import, else None."""
+    try:
+        _checked_name(dotted)
+    except FlowClassRefused:
+        return ResumeResult(ok=False, error=traceback.format_exc(limit=1))
+    return None
+
+
 def _checked_name(dotted: str) -> tuple[str, str]:
     module_name, _, class_name = dotted.rpartition(".")
     parts = dotted.split(".")
@@ -477,11 +486,8 @@ class Resumer:
         renew = asyncio.create_task(self._keep_lease(request.id))
         pool = self.pool
         try:
-            await self._started(pool)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                pool, resume_request, request.id, request.resume_attempts
-            )
+            # A name that cannot be a flow class never reaches a worker.
+            result = refused_by_name(request.flow_class) or await self._run_in(pool, request)
         except BrokenProcessPool as exc:
             result = ResumeResult(
                 ok=False,
@@ -506,6 +512,11 @@ class Resumer:
         self.observe(result.ok)
         if result.paused_again:
             self.on_paused_again()
+
+    async def _run_in(self, pool: Executor, request: Resumable) -> ResumeResult:
+        await self._started(pool)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, resume_request, request.id, request.resume_attempts)
 
     def _report(self, request: Resumable, result: ResumeResult) -> None:
         if result.ok:
