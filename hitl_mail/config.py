@@ -486,7 +486,7 @@ class WebhookSettings(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     url: Annotated[str, BeforeValidator(_http_url)]
-    secret: str = Field(min_length=16)
+    secret: SecretKey  # long and random, as the daemon's own key: a guessable one forges events
     events: tuple[Annotated[WebhookEvent, BeforeValidator(_webhook_event)], ...] | None = None
     timeout: Duration = Field(default=timedelta(seconds=10), gt=timedelta(0))
     # SPEC 8: the first retry within 10 s, retries for at least an hour.

@@ -110,7 +110,8 @@ async def post(
     except TimeoutError:
         return Answer(None, f"no answer within {timeout.total_seconds():g}s")
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-        return Answer(None, f"unusable URL: {exc}", final=True)
+        # Not the URL itself: a webhook URL often carries a secret in its path.
+        return Answer(None, f"unusable URL ({type(exc).__name__})", final=True)
     except httpx.HTTPError as exc:
         return Answer(None, f"{type(exc).__name__}: {exc}".rstrip(": "))
     return Answer(response.status_code, text)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    SECRET,
     MailSink,
     ResumeParked,
     Setup,
@@ -39,7 +40,7 @@ from hitl_mail.httpqueue import HttpQueue
 from hitl_mail.models import FeedbackRequest, WebhookEvent, utcnow
 from hitl_mail.store import Store
 
-HOOK_SECRET = "whsec-0123456789abcdef-test"
+HOOK_SECRET = "whsec-0123456789abcdef-test-hook-Qx7"
 SECRET_ENV = "HITL_TEST_WEBHOOK_SECRET"
 FAST_RETRIES = 'retry_initial = "200ms"\nretry_max = "400ms"\n'
 
@@ -164,7 +165,7 @@ def test_a_tampered_body_a_stale_timestamp_or_another_secret_fails_verification(
 def _config_with(hooks: list[dict[str, Any]]) -> Config:
     return config_from_dict(
         {
-            "daemon": {"secret_key": "k" * 32},
+            "daemon": {"secret_key": SECRET},
             "inbound": {"reply_domain": "reply.example.com"},
             "outbound": {"from_address": "reviews@example.com"},
             "webhooks": hooks,
@@ -202,7 +203,7 @@ def test_unknown_event_names_and_bad_webhooks_are_refused_with_their_key_paths()
     expected = {
         "webhooks[0].events[1]": "'answerd' is not a webhook event",
         "webhooks[1].url": "not an http:// or https:// URL",
-        "webhooks[1].secret": "at least 16 characters",
+        "webhooks[1].secret": "use at least 32 random ones",
         "webhooks[2].retry_initial": "10 seconds",
         "webhooks[2].colour": "unknown key",
     }
