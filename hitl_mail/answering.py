@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
 
-from hitl_mail import authentication, compose, tokens
+from hitl_mail import authentication, compose, tokens, transitions
 from hitl_mail.config import Config
 from hitl_mail.intake import addressing, content_of, reply_to_of, sender
 from hitl_mail.metrics import Metrics
-from hitl_mail.models import FeedbackRequest, InboundMessage, RequestStatus, utcnow
+from hitl_mail.models import AnswerSource, FeedbackRequest, InboundMessage, RequestStatus, utcnow
 from hitl_mail.outbound import queue_row
 from hitl_mail.outcomes import Decision, LLMSettings, decide, exact_match
 from hitl_mail.parsing import Ours, Parsers
@@ -423,9 +423,10 @@ class Answering:
         Which answers won: one that lost its race (another answer came first)
         wrote nothing.
         """
-        return self.store.transitions([self._answered(answer) for answer in answers])
+        events = transitions.events_of(self.config)
+        return transitions.record(self.store, [self._answered(a, events) for a in answers])
 
-    def _answered(self, answer: _Answer) -> Transition:
+    def _answered(self, answer: _Answer, events: transitions.Events | None) -> Transition:
         row, parsed, request, issued_to, decision = answer
         assert row.id is not None
         outcome = decision.outcome if request.emit else None
@@ -445,23 +446,13 @@ class Answering:
             "message_id": parsed.message_id,
             "text": parsed.text[:TEXT_KEPT],
         }
-        values = {
-            "status": RequestStatus.ANSWERED,
-            "outcome": outcome,
-            "feedback": parsed.first_line,
-            "source": "email",
-            "answered_by": issued_to,
-            "answered_at": utcnow(),
-        }
-        also = (
-            audit_event(request.id, "answered", issued_to, "email", detail),
-            queue_row(
-                confirmation, kind="confirmation", request_id=request.id, recipient=issued_to
-            ),
+        mail = queue_row(
+            confirmation, kind="confirmation", request_id=request.id, recipient=issued_to
         )
-        return Transition(
-            request.id, (RequestStatus.PENDING,), values, also, finish_inbound=(row.id, "answered")
+        recorded = transitions.Answer(
+            outcome, parsed.first_line, AnswerSource.EMAIL, issued_to, detail
         )
+        return transitions.answered(request.id, recorded, mail=mail, inbound=row.id, events=events)
 
     def _already_answered(self, request: FeedbackRequest, to: str) -> Callable[[], None]:
         return self._tell(
