@@ -9,6 +9,7 @@ audit trail, and the mail that reached the relay (`mail_sink`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,8 +36,8 @@ from llm_server import FakeLLMServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
+from hitl_mail import answering, intake, outcomes, tokens, waiting
 from hitl_mail import app as app_module
-from hitl_mail import intake, outcomes, tokens, waiting
 from hitl_mail.app import App
 from hitl_mail.config import Config, load_config
 from hitl_mail.models import (
@@ -401,61 +402,6 @@ async def test_a_spoofed_from_with_a_genuine_token_never_answers_but_the_assigne
     )
 
 
-SPOOFED_FROMS = {
-    "encoded-display-name": [
-        b"From: =?utf-8?q?Owner_=3Cowner=40example=2Ecom=3E?= <mallory@attacker.example.net>"
-    ],
-    "address-as-display-name": [b"From: owner@example.com <mallory@attacker.example.net>"],
-    "two-mailboxes": [b"From: owner@example.com, mallory@attacker.example.net"],
-    "group": [b"From: Team: owner@example.com;"],
-    "second-from-header": [b"From: owner@example.com", b"From: mallory@attacker.example.net"],
-    "address-in-a-comment": [b"From: mallory@attacker.example.net (owner@example.com)"],
-    "quoted-local-part": [b'From: "owner@example.com"@attacker.example.net'],
-    "nul-in-from": [b"From: owner@example.com\x00 <mallory@attacker.example.net>"],
-}
-
-
-def with_from(reply: EmailMessage, from_lines: list[bytes]) -> bytes:
-    """The reply's bytes with its From header replaced by ``from_lines``, as written."""
-    head, _, body = reply.as_bytes(policy=CLIENT).partition(b"\r\n\r\n")
-    lines = [line for line in head.split(b"\r\n") if not line.startswith(b"From: ")]
-    return b"\r\n".join([*from_lines, *lines]) + b"\r\n\r\n" + body
-
-
-async def test_a_spoofed_from_with_a_genuine_token_never_answers_but_the_assignee_still_can(
-    daemon: Daemon,
-) -> None:
-    request, notification = await daemon.notified()
-    recipient = str(notification["Reply-To"])
-
-    for from_lines in SPOOFED_FROMS.values():
-        spoof = with_from(reply_to(notification, "Approved"), from_lines)
-        response = await deliver(daemon.port, spoof, mail_from=FORGER, rcpt=[recipient])
-        assert response.code == 250  # stored; refused by answering, where it is recorded
-
-    refusals = await daemon.event(request.id, "reply_wrong_sender", count=len(SPOOFED_FROMS))
-    assert len(refusals) == len(SPOOFED_FROMS)
-    assert {event.detail["from"] for event in refusals} == {
-        None,  # the five that name no one mailbox
-        "mallory@attacker.example.net",
-        '"owner@example.com"@attacker.example.net',
-    }
-    assert daemon.store.get(request.id).status == "pending"
-    queued = await daemon.settled(request.id)
-    assert {row.recipient for row in queued} == {ASSIGNEE}  # the notification, one warning
-    assert not [r for _, rs in daemon.sink.envelopes for r in rs if "attacker" in r.lower()]
-
-    await answer(daemon, reply_to(notification, "Approved"))
-
-    await daemon.event(request.id, "answered")
-    answered = daemon.store.get(request.id)
-    assert (answered.status, answered.outcome, answered.answered_by) == (
-        "answered",
-        "approved",
-        ASSIGNEE,
-    )
-
-
 async def test_a_reply_to_an_expired_token_records_nothing_and_explains_to_the_tokens_address(
     daemon: Daemon,
 ) -> None:
@@ -623,26 +569,6 @@ async def test_two_replies_at_once_answer_once_and_the_second_is_told_it_was_alr
     assert already["X-HITL-Error"] == "already_answered"
     assert already["To"] == ASSIGNEE
 
-async def test_an_exact_answer_never_waits_behind_llm_calls_for_other_requests(
-    daemon: Daemon,
-) -> None:
-    daemon.llm.mode = "slow"  # each LLM answer takes 4 s
-    daemon.llm.delay = 4.0
-    waiting = [await daemon.notified() for _ in range(10)]  # more than the stage's 8 slots
-    request, notification = await daemon.notified()
-
-    for _, other in waiting:
-        await answer(daemon, reply_to(other, "Let us go with whatever finance prefers"))
-    await answer(daemon, reply_to(notification, "Rejected"))
-
-    await daemon.event(request.id, "answered")
-    assert daemon.store.get(request.id).outcome == "rejected"
-    # Answered while the replies that need the LLM were still waiting for it.
-    assert [daemon.store.get(r.id).status for r, _ in waiting] == ["pending"] * len(waiting)
-    for other, _ in waiting:
-        await daemon.event(other.id, "answered")  # each in turn, through the LLM lane
-
-
 
 # -- undecided ------------------------------------------------------------------------------
 
@@ -696,6 +622,46 @@ async def test_the_undecided_mail_never_quotes_the_llm_or_the_provider_which_sta
     assert options_in(told)
     for part in ("plain", "html"):
         assert internal not in told.get_body((part,)).get_content()  # type: ignore[union-attr]
+
+
+async def test_an_exact_answer_never_waits_behind_llm_calls_for_other_requests(
+    daemon: Daemon,
+) -> None:
+    daemon.llm.mode = "slow"  # each LLM answer takes 4 s
+    daemon.llm.delay = 4.0
+    waiting = [await daemon.notified() for _ in range(10)]  # more than the stage's 8 slots
+    request, notification = await daemon.notified()
+
+    for _, other in waiting:
+        await answer(daemon, reply_to(other, "Let us go with whatever finance prefers"))
+    await answer(daemon, reply_to(notification, "Rejected"))
+
+    await daemon.event(request.id, "answered")
+    assert daemon.store.get(request.id).outcome == "rejected"
+    # Answered while the replies that need the LLM were still waiting for it.
+    assert [daemon.store.get(r.id).status for r, _ in waiting] == ["pending"] * len(waiting)
+    for other, _ in waiting:
+        await daemon.event(other.id, "answered")  # each in turn, through the LLM lane
+
+
+async def test_replies_beyond_the_llm_backlog_are_taken_again_later_and_none_is_lost(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hitl_mail.answering")
+    monkeypatch.setattr(answering, "LLM_BACKLOG", 1)
+    monkeypatch.setattr(answering, "DEFER_FOR", timedelta(milliseconds=300))
+    daemon.llm.mode = "slow"
+    daemon.llm.delay = 1.0
+    notified = [await daemon.notified() for _ in range(3)]
+
+    for _, notification in notified:
+        await answer(daemon, reply_to(notification, "Let us go with whatever finance prefers"))
+
+    for request, _ in notified:
+        [answered] = await daemon.event(request.id, "answered")
+        assert answered.detail["method"] == "llm"
+    assert len(daemon.llm.requests) == 3  # one decision each: a deferred reply is not decided
+    assert any("the LLM lane is full" in record.getMessage() for record in caplog.records)
 
 
 # -- error mail limits --------------------------------------------------------------------
