@@ -473,7 +473,7 @@ def _address(value: str) -> str:
     """The address of a From-like header value, lowercased: read strictly, else the first
     address-like word (machine mail is told apart with it, never a sender trusted), or ""."""
     try:
-        return senders.mailbox(value).lower()
+        return senders.mailbox(value).encode().lower().decode()  # ASCII letters only
     except senders.BadSender:
         found = _ADDRESS.search(value[:_MAX_HEADER_CHARS])
         return found[0].lower() if found else ""
