@@ -427,7 +427,7 @@ class Resumer:
     async def _warm_up(self, pool: Executor) -> None:
         try:
             await self._started(pool)
-        except BrokenProcessPool as exc:
+        except BrokenProcessPool as exc:  # each resume meanwhile records it too
             log.error("resume workers did not start: %s", exc)
 
     async def _started(self, pool: Executor) -> None:

@@ -16,12 +16,17 @@ the listener's heap and delay the listener's start by crewAI's import time.
 zygote, so the resume stage keeps the executor's semantics (futures, a dead
 worker breaks the pool).
 
-Lifetime: the zygote is started from the daemon's event-loop thread and has
-the kernel end it when the daemon ends (`children.die_with_parent`); each
-worker does the same with the zygote as its parent. The zygote and the
-workers ignore SIGINT and SIGHUP (a terminal or a service manager may signal
-every process of the daemon; the daemon decides), and `WorkerPool.stop` ends
-them all.
+Lifetime: the zygote is started from the daemon's event-loop thread (the
+kernel's parent-death signal fires when the *thread* that forked a process
+ends) and ends when the daemon ends (`children.die_with_parent`); each worker
+does the same with the zygote as its parent. The zygote ignores SIGINT,
+SIGTERM and SIGHUP, the workers SIGINT and SIGHUP (a terminal or a service
+manager may signal every process of the daemon; the daemon decides; the pool
+itself ends workers with SIGTERM), and `WorkerPool.stop` kills them all.
+
+Priority: the zygote imports at a niceness `WORKER_NICENESS` below the
+daemon, then takes the workers' `[daemon].resume_priority` ("idle":
+SCHED_IDLE), which the workers inherit.
 """
 
 from __future__ import annotations
@@ -248,6 +253,12 @@ class WorkerPool(ProcessPoolExecutor):
         await asyncio.shield(self._started)
 
     async def _start(self, flow_classes: Callable[[], Sequence[str]]) -> None:
+        try:
+            await self._start_zygote_then_workers(flow_classes)
+        except OSError as exc:  # no process or socket to be had, say
+            raise WorkersDidNotStart(f"the resume workers could not be started: {exc}") from exc
+
+    async def _start_zygote_then_workers(self, flow_classes: Callable[[], Sequence[str]]) -> None:
         names = list(await asyncio.to_thread(flow_classes))
         if self._stopped:
             raise WorkersDidNotStart("the resume worker pool was stopped")
