@@ -236,7 +236,11 @@ def test_a_flow_defined_in_a_script_run_as_main_is_refused_at_pause_time(setup: 
 def test_after_a_full_run_no_token_or_secret_is_in_the_logs_the_audit_table_or_requests_show(
     setup: Setup,
 ) -> None:
-    """SPEC 9: a token may show as its first 6 characters, never whole, at any log level."""
+    """SPEC 9: a token may show as its first 6 characters, never whole, at any log level.
+
+    Nor does a message body reach the log; of the genuine reply, the audit trail
+    keeps its new text, never the quoted history below it.
+    """
     setup.config.write_text(setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
     daemon = setup.start_daemon()
     info = setup.kickoff()["callback_info"]
@@ -246,9 +250,10 @@ def test_after_a_full_run_no_token_or_secret_is_in_the_logs_the_audit_table_or_r
     [notification] = setup.sink.wait_for("notification", rid)
 
     forger = "mallory@attacker.example.net"  # refused, and the assignee is told by mail
-    send(setup.smtp_port, reply_to(notification, "Approved", sender=forger), envelope_from=forger)
+    forged = reply_to(notification, "Approved\n\nforged-body-7031", sender=forger)
+    send(setup.smtp_port, forged, envelope_from=forger)
     [warning] = setup.sink.wait_for("error", rid)
-    send(setup.smtp_port, reply_to(notification, "Approved"))
+    send(setup.smtp_port, reply_to(notification, "Approved\n\ngenuine-body-5119"))
     setup.sink.wait_for("confirmation", rid)
     setup.wait_event("approved")
     wait_until(lambda: setup.show(rid)["status"] == "resumed", 30, what="resumed")
@@ -283,3 +288,7 @@ def test_after_a_full_run_no_token_or_secret_is_in_the_logs_the_audit_table_or_r
         assert token not in text.lower(), f"the token is in {place}"
         assert SECRET not in text, f"the secret key is in {place}"
     assert warning["X-HITL-Error"] == "wrong_sender"
+    assert "genuine-body-5119" in audit_table  # the reply's own text, kept
+    assert "> Reply with one of" not in audit_table  # its quoted history, not
+    for body in ("forged-body-7031", "genuine-body-5119", "Reply with one of"):
+        assert body not in log, f"a message body is in the daemon's log: {body}"
