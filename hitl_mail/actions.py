@@ -22,11 +22,12 @@ def cancel_request(config: Config, store: Store, request_id: str, actor: str) ->
     to = request.assigned_to or ""
     told = compose.error_mail(
         "cancelled",
-        content_of(request),
+        content_of(request, config),
         sender=sender(config),
         to=to,
         thread_id=request.notification_id or "",
         reply_to=None,
+        replied=False,
     )
     mail = (
         queue_row(told, kind="error:cancelled", request_id=request_id, recipient=to) if to else None

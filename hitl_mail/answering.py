@@ -313,7 +313,7 @@ class Answering:
                 request,
                 issued_to,
                 "wrong_sender",
-                detail=f"A reply from {parsed.from_address} was ignored.",
+                from_address=parsed.from_address,
             )()
             raise Refusal("wrong_sender", f"From {parsed.from_address} is not {issued_to}")
         self._authenticated(row, parsed)  # never told: the sender may not be who From says
@@ -359,7 +359,7 @@ class Answering:
                 },
             )
             # Why (the LLM's answer, the provider's error) is for the audit trail only.
-            tell = self._tell(request, issued_to, "undecided")
+            tell = self._tell(request, issued_to, "undecided", your_reply=parsed.first_line)
             return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
         if not await self._recording(_Answer(row, parsed, request, issued_to, decision)):
 
@@ -431,12 +431,13 @@ class Answering:
         assert row.id is not None
         outcome = decision.outcome if request.emit else None
         confirmation = compose.confirmation(
-            content_of(request),
+            content_of(request, self.config),
             sender=sender(self.config),
             to=issued_to,
             thread_id=request.notification_id or "",
             outcome=outcome,
             feedback=parsed.first_line,
+            read_as=decision.method,
         )
         detail = {
             "outcome": outcome,
@@ -490,7 +491,7 @@ class Answering:
                 return
             message = compose.error_mail(
                 kind,
-                content_of(request),
+                content_of(request, self.config),
                 sender=sender(self.config),
                 to=to,
                 thread_id=request.notification_id or "",

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from hitl_mail.i18n import languages
 from hitl_mail.models import WebhookEvent
 
 DEFAULT_CONFIG_NAME = "hitl-mail.toml"
@@ -117,7 +118,18 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         ) from None
 
 
+def _language(value: object) -> str:
+    """A language emails are written in: "en", or a catalogue shipped in hitl_mail/locale."""
+    known = languages()
+    if isinstance(value, str) and value.strip() in known:
+        return value.strip()
+    raise ValueError(
+        f"{value!r} is not a language emails are written in; use one of {sorted(known)}"
+    )
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Language = Annotated[str, BeforeValidator(_language)]
 IPNetwork = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 EmailAddress = Annotated[str, BeforeValidator(_email)]
@@ -351,6 +363,9 @@ class RoutingRule(_Section):
     assign_from_input: str | None = None
     auto_response: TimeoutPolicy | None = None
     sla: Duration | None = None
+    # How subjects name the flow and step; default from the names, "Review: approve budget".
+    label: str | None = Field(default=None, min_length=1, max_length=80)
+    language: Language | None = None  # of the emails this rule's requests send
 
     @model_validator(mode="after")
     def _has_target(self) -> RoutingRule:
@@ -383,6 +398,26 @@ class AutoResponseSettings(TimeoutPolicy):
 class RoutingSettings(_Section):
     default_assignee: EmailAddress | None = None
     rules: tuple[RoutingRule, ...] = ()
+    # The emails' language: an assignee's own (`languages`), else the rule's, else this.
+    language: Language = "en"
+    languages: dict[EmailAddress, Language] = Field(default_factory=dict)
+
+    @field_validator("languages")
+    @classmethod
+    def _by_lowercase_address(cls, languages: dict[str, str]) -> dict[str, str]:
+        return {address.lower(): language for address, language in languages.items()}
+
+    def language_for(self, rule_name: str | None, assignee: str | None) -> str:
+        """The language a request's emails are written in."""
+        if assignee and (own := self.languages.get(assignee.lower())):
+            return own
+        rule = next((r for r in self.rules if r.name == rule_name), None)
+        return (rule.language if rule else None) or self.language
+
+    def label_for(self, rule_name: str | None) -> str | None:
+        """The routing rule's `label`, if it has one."""
+        rule = next((r for r in self.rules if r.name == rule_name), None)
+        return rule.label if rule else None
 
 
 class FlowSettings(_Section):

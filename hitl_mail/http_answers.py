@@ -158,12 +158,13 @@ class CallbackAnswering:
         mail = None
         if to:
             confirmation = compose.confirmation(
-                content_of(request),
+                content_of(request, self.config),
                 sender=sender(self.config),
                 to=to,
                 thread_id=request.notification_id or "",
                 outcome=outcome,
                 feedback=feedback,
+                read_as=decision.method,
             )
             mail = queue_row(confirmation, kind="confirmation", request_id=request.id, recipient=to)
         detail = {

@@ -37,7 +37,11 @@ def sender(config: Config) -> compose.Sender:
     return compose.Sender(from_address=config.outbound.from_address)
 
 
-def content_of(request: FeedbackRequest) -> compose.RequestContent:
+def content_of(
+    request: FeedbackRequest, config: Config, reader: str | None = None
+) -> compose.RequestContent:
+    """What the request's emails show, in the language of `reader` (default: its assignee)."""
+    routing = config.routing
     return compose.RequestContent(
         request_id=request.id,
         flow_class=request.flow_class,
@@ -48,6 +52,8 @@ def content_of(request: FeedbackRequest) -> compose.RequestContent:
         default_outcome=request.default_outcome,
         deadline=request.deadline,
         auto_outcome=request.auto_outcome,
+        label=routing.label_for(request.routing_rule),
+        language=routing.language_for(request.routing_rule, reader or request.assigned_to),
     )
 
 
@@ -111,16 +117,19 @@ def create_request(
     return request
 
 
-def notification_row(config: Config, request: FeedbackRequest) -> OutboxMessage:
+def notification_row(
+    config: Config, request: FeedbackRequest, reassigned: compose.Reassignment | None = None
+) -> OutboxMessage:
     """Compose the notification for the request's current assignee and token."""
     assert request.assigned_to and request.token and request.notification_id
     message = compose.notification(
-        content_of(request),
+        content_of(request, config),
         sender=sender(config),
         to=request.assigned_to,
         reply_to=addressing(config).address(request.token),
         message_id=request.notification_id,
         expires_at=request.created_at + config.tokens.max_age,
+        reassigned=reassigned,
     )
     return queue_row(
         message, kind="notification", request_id=request.id, recipient=request.assigned_to

@@ -118,7 +118,7 @@ class Timers:
         if request.status != RequestStatus.PENDING or not request.token:
             return None
         message = compose.reminder(
-            content_of(request),
+            content_of(request, self.config),
             sender=sender(self.config),
             to=request.assigned_to or "",
             reply_to=addressing(self.config).address(request.token),
@@ -147,15 +147,18 @@ class Timers:
             setattr(request, name, value)
         told = compose.error_mail(
             "reassigned",
-            content_of(request),
+            content_of(request, self.config, reader=old),
             sender=sender(self.config),
             to=old,
             thread_id=old_thread,
             reply_to=None,
-            detail=f"It now waits for {new}.",
+            replied=False,
+            reassigned_to=new,
+            reassigned_after=policy["escalate_after"],
         )
+        why = compose.Reassignment(old, policy["escalate_after"])
         mail = [
-            notification_row(self.config, request),
+            notification_row(self.config, request, reassigned=why),
             queue_row(told, kind="error:reassigned", request_id=request.id, recipient=old),
         ]
         return transitions.escalated(
@@ -168,7 +171,7 @@ class Timers:
             return None
         to = request.assigned_to or ""
         message = compose.auto_response(
-            content_of(request),
+            content_of(request, self.config),
             sender=sender(self.config),
             to=to,
             thread_id=request.notification_id or "",

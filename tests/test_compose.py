@@ -6,8 +6,9 @@ import dataclasses
 import email
 import email.policy
 import re
+import urllib.parse
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
 from html.parser import HTMLParser
@@ -18,10 +19,12 @@ import pytest
 
 from hitl_mail.compose import (
     ErrorKind,
+    Reassignment,
     RequestContent,
     Sender,
     auto_response,
     confirmation,
+    default_label,
     error_mail,
     make_message_id,
     message_bytes,
@@ -38,6 +41,7 @@ REPLY_TO = f"reply+{TOKEN}@reply.example.com"
 THREAD_ID = f"<hitl.{'0123456789abcdef' * 4}@mail.example.com>"
 DEADLINE = datetime(2030, 3, 4, 15, 30, tzinfo=UTC)
 EXPIRES = datetime(2030, 3, 11, 9, 0, tzinfo=UTC)
+SUBJECT = "Post: review draft — Approve this draft?"
 MARKDOWN = """# Draft post
 
 The launch is **on track**.
@@ -152,7 +156,7 @@ def test_every_follow_up_threads_under_the_notification_with_its_own_message_id(
     assert message["In-Reply-To"] == THREAD_ID
     assert message["References"] == THREAD_ID
     assert message["Message-ID"] != THREAD_ID
-    assert message["Subject"] == "Re: [Review] Approve this draft? — review_draft"
+    assert message["Subject"].removeprefix("Reminder: ").removeprefix("Re: ") == SUBJECT
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -177,8 +181,8 @@ def test_the_notification_is_text_and_html_alternatives_with_the_token_in_reply_
     assert message.get_content_type() == "multipart/alternative"
     types = [part.get_content_type() for part in message.iter_parts()]
     assert types == ["text/plain", "text/html"]
-    assert message["Reply-To"] == REPLY_TO
-    assert message["Subject"] == "[Review] Approve this draft? — review_draft"
+    assert message["Reply-To"].addresses[0].addr_spec == REPLY_TO
+    assert message["Subject"] == SUBJECT
     assert TOKEN not in message["Message-ID"].lower()
 
 
@@ -287,17 +291,15 @@ def test_a_list_right_after_prose_renders_as_a_list_as_llms_expect() -> None:
 def test_the_notification_lists_the_outcomes_and_what_an_empty_reply_means() -> None:
     message = send_notification()
     text = " ".join(text_of(message).split())
-    assert (
-        "Reply with one of: approved, rejected, needs_revision — or write what should change."
-        in text
-    )
+    assert "Reply with one of: approved, rejected, needs_revision" in text
+    assert "Reply with one word, or one line saying what to change." in text
     assert "An empty reply means needs_revision." in text
     assert "<strong>needs_revision</strong>" in html_of(message)
 
 
 def test_a_request_without_outcomes_asks_for_feedback() -> None:
     text = text_of(send_notification(make_content(emit=None, default_outcome=None)))
-    assert "Reply with your feedback." in text
+    assert "Reply with your feedback in one line." in text
     assert "Reply with one of" not in text
     assert "empty reply" not in text
 
@@ -305,7 +307,7 @@ def test_a_request_without_outcomes_asks_for_feedback() -> None:
 def test_the_deadline_and_what_happens_then_are_shown() -> None:
     content = make_content(deadline=DEADLINE, auto_outcome="rejected")
     text = " ".join(text_of(send_notification(content)).split())
-    assert "Please answer by 2030-03-04 15:30 UTC." in text
+    assert "Please answer by Monday, March 4, 2030, 3:30 PM UTC (in " in text
     assert "If there is no answer by then, rejected is applied automatically." in text
 
 
@@ -313,17 +315,30 @@ def test_no_deadline_means_no_deadline_sentence() -> None:
     assert "Please answer by" not in text_of(send_notification())
 
 
-def test_the_footer_says_only_the_first_line_counts_and_the_link_is_personal() -> None:
+def test_the_notification_says_only_the_first_line_counts_and_the_link_is_personal() -> None:
     text = " ".join(text_of(send_notification(expires_at=EXPIRES)).split())
-    assert "Reply to this email; only the first line of your reply is read." in text
-    assert "This link is personal to ann@example.org and expires 2030-03-11 09:00 UTC." in text
+    answer, _, footer = text.partition(" -- ")
+    assert "Only the first line of your reply is read." in answer
+    assert "The reply link works until Monday, March 11, 2030, 9:00 AM UTC." in answer
+    assert "sent to ann@example.org; replies from any other address are not recorded" in footer
+
+
+def test_the_notification_shows_one_date_the_deadline_when_there_is_one() -> None:
+    content = make_content(deadline=DEADLINE)
+    text = " ".join(text_of(send_notification(content, expires_at=EXPIRES)).split())
+    assert "March 4, 2030" in text
+    assert "March 11" not in text
 
 
 def test_the_text_part_is_wrapped_to_a_readable_width() -> None:
-    long_output = "word " * 100 + "\n\n```\n" + "x" * 120 + "\n```"
+    code_line = "call(" + ", ".join(f"arg{i}" for i in range(30)) + ")"
+    long_output = "word " * 100 + "\n\n```\n" + "x" * 120 + "\n" + code_line + "\n```"
     text = text_of(send_notification(make_content(method_output=long_output)))
     long_lines = [line for line in text.splitlines() if len(line) > 72]
-    assert long_lines == ["x" * 120]  # code is never rewrapped
+    assert long_lines == ["x" * 120]  # a word longer than a line is never cut
+    assert "call(arg0, arg1," in text
+    assert "arg29)" in text
+    assert "\n  arg2" in text  # a long code line continues on lines indented two more
 
 
 def test_the_message_id_uses_the_domain_of_the_from_address() -> None:
@@ -383,7 +398,8 @@ def test_a_confirmation_records_the_outcome_in_a_header_and_in_words() -> None:
     assert message["X-HITL-Outcome"] == "approved"
     text = text_of(message)
     assert "Recorded: approved" in text
-    assert "Your reply, as understood: “Looks good, ship it”" in text
+    assert "The question was: Approve this draft?" in text
+    assert "Your reply “Looks good, ship it” was recorded as approved." in " ".join(text.split())
     assert "The flow continues" in text
 
 
@@ -409,25 +425,27 @@ def test_an_auto_response_names_the_outcome_applied_at_the_deadline() -> None:
     )
     assert message["X-HITL-Outcome"] == "rejected"
     text = " ".join(text_of(message).split())
-    assert "before its deadline (2030-03-04 15:30 UTC), so rejected was recorded" in text
+    assert "by its deadline, Monday, March 4, 2030, 3:30 PM UTC, so rejected was recorded" in text
 
 
 def test_a_reminder_repeats_the_request_and_keeps_the_reply_address() -> None:
     message = received(
         reminder(make_content(), sender=SENDER, to=TO, reply_to=REPLY_TO, thread_id=THREAD_ID)
     )
-    assert message["Reply-To"] == REPLY_TO
+    assert message["Reply-To"].addresses[0].addr_spec == REPLY_TO
+    assert message["Subject"] == f"Reminder: {SUBJECT}"
     assert "still waiting" in text_of(message)
     assert "on track</strong>" in html_of(message)
 
 
 ERROR_WORDS: dict[str, str] = {
-    "expired": "an old or leaked email cannot answer a review long after the fact",
-    "already_answered": "already answered with approved (“Fine by me”)",
-    "wrong_sender": "Someone from another address tried to answer",
-    "undecided": "Reply with exactly one of: approved, rejected, needs_revision.",
-    "cancelled": "was not recorded",
-    "reassigned": "was not recorded",
+    "expired": "The reply link you used has expired, so your reply was not recorded.",
+    "already_answered": "already answered with approved, so your reply was not recorded",
+    "wrong_sender": "but it was sent to ann@example.org, so nothing was recorded. If that was "
+    "you, reply from ann@example.org.",
+    "undecided": "could not be matched to one of the answers with certainty",
+    "cancelled": "cancelled before your reply arrived, so your reply was not recorded",
+    "reassigned": "This review now waits for someone else.",
 }
 
 
@@ -464,10 +482,11 @@ def test_an_undecided_error_can_be_answered_again_by_reply() -> None:
             reply_to=REPLY_TO,
         )
     )
-    assert message["Reply-To"] == REPLY_TO
+    assert message["Reply-To"].addresses[0].addr_spec == REPLY_TO
     text = text_of(message)
+    assert "Reply with one of: approved, rejected, needs_revision" in text
     assert "An empty reply means needs_revision." in text
-    assert "only the first line of your reply is read" in text
+    assert "Only the first line of your reply is read." in text
 
 
 def test_line_breaks_in_flow_names_cannot_inject_headers() -> None:
@@ -491,9 +510,7 @@ def test_line_breaks_in_flow_names_cannot_inject_headers() -> None:
     assert "Bcc" not in message
     assert "X-Injected" not in message
     assert "X-Other" not in message
-    assert message["Subject"] == (
-        "[Review] Approve? Bcc: victim@example.net — review X-Injected: yes"
-    )
+    assert message["Subject"] == ("Post: review X-Injected: yes — Approve? Bcc: victim@example.net")
 
 
 def test_a_very_long_message_is_shortened_in_the_subject_only() -> None:
@@ -522,7 +539,7 @@ def test_non_ascii_text_survives_the_round_trip() -> None:
             message_id=make_message_id(sender_domain(sender.from_address)),
         )
     )
-    assert message["Subject"] == "[Review] Größe prüfen? ✓ — überprüfen"
+    assert message["Subject"] == "Post: überprüfen — Größe prüfen? ✓"
     assert message["From"].addresses[0].display_name == "Prüfstelle"
     assert message["To"].addresses[0].display_name == "Zoë"
     assert "Résumé: **naïve** café 🚀" in text_of(message)
@@ -558,3 +575,218 @@ def test_the_fast_writer_leaves_other_shapes_to_the_stdlib() -> None:
     with_preamble.preamble = "This is a multi-part message in MIME format."
     for message in (single, with_preamble):
         assert message_bytes(message) == message.as_bytes()
+
+
+# --- what the responder reads first ---------------------------------------------------
+
+UNBREAKABLE = re.compile(r"\s*(?:[-*>]\s+)?\S+")  # one token (a URL, an address), perhaps indented
+HOW_TO_ANSWER = {
+    "notification": "Reply with one of: approved, rejected, needs_revision",
+    "reminder": "Reply with one of: approved, rejected, needs_revision",
+    "error:undecided": "Reply with one of: approved, rejected, needs_revision",
+    "error:wrong_sender": "reply from ann@example.org",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_text_part_says_how_to_answer_above_the_signature_within_78_columns(
+    kind: str,
+) -> None:
+    wide = MARKDOWN + "\n" + "| " + " | ".join(f"column {i}" for i in range(7)) + " |\n"
+    content = make_content(deadline=DEADLINE, auto_outcome="rejected", method_output=wide)
+    built = {
+        "notification": lambda: build_notification(content),
+        "reminder": lambda: reminder(
+            content, sender=SENDER, to=TO, reply_to=REPLY_TO, thread_id=THREAD_ID
+        ),
+    }.get(kind, KINDS[kind])
+    text = text_of(received(built()))
+    body, marker, _ = text.partition("\n-- \n")
+    assert marker, "no signature marker"
+    if kind in HOW_TO_ANSWER:
+        assert HOW_TO_ANSWER[kind] in " ".join(body.split())
+    if kind in ("notification", "reminder"):
+        flat = " ".join(body.split())
+        assert "Only the first line of your reply is read." in flat
+        assert flat.index("Please answer by") < flat.index("Draft post")  # the output follows
+    too_long = [line for line in text.splitlines() if len(line) > 78]
+    assert all(UNBREAKABLE.fullmatch(line) for line in too_long), too_long
+
+
+def test_subjects_name_the_flow_and_step_in_words_or_by_the_rule_label() -> None:
+    assert default_label("finance.flows.ReviewFlow", "approve_budget") == "Review: approve budget"
+    assert default_label("x.HTTPCheckFlow", "sign_off") == "HTTP Check: sign off"
+    assert default_label("Flow", "approve_budget") == "Approve budget"
+    labelled = send_notification(make_content(label="Budget sign-off"))
+    assert labelled["Subject"] == "Budget sign-off — Approve this draft?"
+
+
+def test_an_escalated_notification_says_from_whom_and_why() -> None:
+    message = send_notification(
+        make_content(), reassigned=Reassignment("Bob <bob@example.org>", timedelta(hours=4))
+    )
+    assert message["Subject"] == f"Reassigned to you: {SUBJECT}"
+    text = " ".join(text_of(message).split())
+    assert text.startswith("Reassigned to you: bob@example.org did not answer within 4 hours.")
+
+
+def test_the_preview_line_has_the_question_the_options_and_the_due_date() -> None:
+    page = html_of(send_notification(make_content(deadline=DEADLINE)))
+    hidden = re.search(r'<div style="display:none[^>]*>([^<]*)', page)
+    assert hidden is not None
+    assert hidden[1].startswith(
+        "Approve this draft? · Reply: approved / rejected / needs_revision · by Mon, Mar 4"
+    )
+
+
+def test_each_option_is_a_one_tap_mailto_to_the_reply_address() -> None:
+    page = html_of(send_notification())
+    links = [a["href"] for tag, a in ElementCollector(page).elements if tag == "a" and a["href"]]
+    buttons = [link for link in links if link.startswith("mailto:")]
+    assert len(buttons) == 3
+    for link, option in zip(buttons, ("approved", "rejected", "needs_revision"), strict=True):
+        address, _, query = link.removeprefix("mailto:").partition("?")
+        assert urllib.parse.unquote(address) == REPLY_TO
+        fields = urllib.parse.parse_qs(query)
+        assert fields["body"] == [option]
+        assert fields["subject"] == [f"Re: {SUBJECT}"]
+
+
+def test_the_reply_to_has_a_display_name_and_the_address_as_before() -> None:
+    raw = build_notification().as_bytes().decode()
+    assert f"Reply-To: Reply to answer <{REPLY_TO}>" in raw.replace("\r\n ", " ")
+
+
+def test_output_headings_sit_below_the_title_and_two_space_lists_nest() -> None:
+    nested = "# Plan\n\nSteps:\n- one\n  - one.a\n    - one.a.i\n- two\n1. first\n   - sub"
+    page = html_of(send_notification(make_content(method_output=nested)))
+    assert page.count("<h1") == 1
+    assert re.search(r"<h3[^>]*>Plan</h3>", page)
+    assert re.search(r"one\s*<ul[^>]*>\s*<li[^>]*>one\.a\s*<ul[^>]*>\s*<li[^>]*>one\.a\.i", page)
+    assert re.search(r"first\s*<ul[^>]*>\s*<li[^>]*>sub", page)
+
+
+def test_tables_scroll_in_their_own_box_and_code_wraps() -> None:
+    page = html_of(send_notification())
+    assert re.search(r'<div style="[^"]*overflow-x:auto;[^"]*"><table', page)
+    pre = next(a["style"] for tag, a in ElementCollector(page).elements if tag == "pre")
+    assert "white-space:pre-wrap" in (pre or "")
+
+
+def test_the_html_declares_light_and_dark_and_its_footer_reads_at_aa_contrast() -> None:
+    page = html_of(send_notification())
+    assert '<meta name="color-scheme" content="light dark">' in page
+    assert '<meta name="supported-color-schemes" content="light dark">' in page
+    footer = re.search(r'class="hm-foot" style="[^"]*;color:(#[0-9a-f]{6})', page)
+    assert footer is not None
+    assert contrast(footer[1], "#f3f4f6") >= 4.5
+
+
+def contrast(one: str, other: str) -> float:
+    def luminance(colour: str) -> float:
+        channels = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    high, low = sorted((luminance(one), luminance(other)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_mail_sent_unasked_never_speaks_of_a_reply() -> None:
+    threaded: dict[str, Any] = {"sender": SENDER, "to": TO, "thread_id": THREAD_ID}
+    cancelled = error_mail("cancelled", make_content(), reply_to=None, replied=False, **threaded)
+    reassigned = error_mail(
+        "reassigned",
+        make_content(),
+        reply_to=None,
+        replied=False,
+        reassigned_to="bob@example.org",
+        reassigned_after=timedelta(days=2),
+        **threaded,
+    )
+    for message in (cancelled, reassigned):
+        text = " ".join(text_of(received(message)).split())
+        assert "your reply" not in text.lower()
+        assert "Reply-To" not in message
+    assert "You can ignore the earlier email." in " ".join(text_of(received(cancelled)).split())
+    assert "There was no answer within 2 days, so this review now waits for bob@example.org." in (
+        " ".join(text_of(received(reassigned)).split())
+    )
+
+
+def test_the_undecided_mail_quotes_the_first_line_and_nothing_of_the_llm() -> None:
+    message = received(
+        error_mail(
+            "undecided",
+            make_content(),
+            sender=SENDER,
+            to=TO,
+            thread_id=THREAD_ID,
+            reply_to=REPLY_TO,
+            your_reply="Hi team,\nlooks fine to me",
+        )
+    )
+    text = " ".join(text_of(message).split())
+    assert "Your reply “Hi team,” could not be matched" in text
+    assert "looks fine" not in text
+    assert not re.search(r"LLM|model|provider|error", text, re.I)
+
+
+def test_the_expired_mail_offers_a_fresh_link_or_says_whom_to_ask() -> None:
+    threaded: dict[str, Any] = {"sender": SENDER, "to": TO, "thread_id": THREAD_ID}
+    fresh = "reply+freshtoken@reply.example.com"
+    offered = received(
+        error_mail("expired", make_content(), reply_to=REPLY_TO, fresh_reply_to=fresh, **threaded)
+    )
+    assert offered["Reply-To"].addresses[0].addr_spec == fresh
+    text = " ".join(text_of(offered).split())
+    assert "reply to this email, which has a new link" in text
+    assert "Reply with one of: approved, rejected, needs_revision" in text
+    assert REPLY_TO.partition("@")[0] not in html_of(offered)  # no button keeps the old token
+    closed = received(error_mail("expired", make_content(), reply_to=REPLY_TO, **threaded))
+    assert "Reply-To" not in closed
+    assert "ask the person who runs this flow to send it again" in " ".join(text_of(closed).split())
+
+
+@pytest.mark.parametrize(
+    ("read_as", "outcome", "said"),
+    [
+        ("exact", "approved", "Your reply “approved” matched the answer approved."),
+        ("llm", "approved", "did not name an answer exactly; it was read as approved."),
+        ("default", "needs_revision", "Your reply was empty, which means needs_revision."),
+    ],
+)
+def test_the_confirmation_says_how_the_reply_was_read(
+    read_as: str, outcome: str, said: str
+) -> None:
+    feedback = "" if read_as == "default" else ("approved" if read_as == "exact" else "ship it")
+    message = confirmation(
+        make_content(),
+        sender=SENDER,
+        to=TO,
+        thread_id=THREAD_ID,
+        outcome=outcome,
+        feedback=feedback,
+        read_as=read_as,
+    )
+    assert said in " ".join(text_of(received(message)).split())
+
+
+def test_the_confirmation_says_a_revision_comes_back_when_the_outcome_asks_for_one() -> None:
+    threaded: dict[str, Any] = {"sender": SENDER, "to": TO, "thread_id": THREAD_ID}
+    revise = confirmation(make_content(), outcome="needs_revision", feedback="x", **threaded)
+    done = confirmation(make_content(), outcome="approved", feedback="x", **threaded)
+    assert "the revised version will come to you for review" in " ".join(
+        text_of(received(revise)).split()
+    )
+    assert "nothing more you need to do" in text_of(received(done))
+
+
+def test_german_mail_is_german_with_german_dates() -> None:
+    content = make_content(language="de", deadline=DEADLINE, auto_outcome="rejected")
+    message = send_notification(content)
+    text = " ".join(text_of(message).split())
+    assert "Antworten Sie mit einem von: approved, rejected, needs_revision" in text
+    assert "Bitte antworten Sie bis Montag, 4. März 2030, 15:30 UTC" in text
+    assert 'lang="de"' in html_of(message)
+    assert message["Reply-To"].addresses[0].display_name == "Hier antworten"
