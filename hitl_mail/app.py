@@ -80,7 +80,9 @@ class App:
             arrivals=self.arrivals,
         )
         self.timers = Timers(config, self.store, on_fired=self._timer_fired)
-        self.deliveries = Deliveries(config, self.store, config.daemon.poll_interval)
+        self.deliveries = Deliveries(
+            config, self.store, config.daemon.poll_interval, observe=self.metrics.webhook_attempt
+        )
         self.retention = RawRetention(config, self.store)
         self.listener = ListenerProcess(
             config,

@@ -184,6 +184,13 @@ class Metrics:
         self.llm_calls = Counter(
             "hitl_llm_calls", "LLM outcome decisions, by result.", ["result"], registry=registry
         )
+        self.http_attempts = Counter(
+            "hitl_webhook_attempts",
+            "POSTs of webhook events and bridged answers, by destination and result"
+            " (delivered, retry, failed).",
+            ["destination", "result"],
+            registry=registry,
+        )
         self.time_to_answer_seconds = Histogram(
             "hitl_time_to_answer_seconds",
             "Seconds from a request being stored to its answer.",
@@ -225,6 +232,9 @@ class Metrics:
 
     def llm_call(self, result: str) -> None:
         self.llm_calls.labels(result=result).inc()
+
+    def webhook_attempt(self, destination: str, result: str) -> None:
+        self.http_attempts.labels(destination=destination, result=result).inc()
 
     def answered(self, seconds: float) -> None:
         """A request got its answer ``seconds`` after it was stored."""

@@ -316,6 +316,12 @@ async def test_a_receiver_down_at_first_gets_the_event_once_when_up_and_every_at
             await asyncio.sleep(1.0)  # past the longest backoff: a repeat would have come
             trail = attempts(app.store, request.id)
             [row] = HttpQueue(app.store).rows_for(request.id)
+            counted = {
+                result: app.metrics.registry.get_sample_value(
+                    "hitl_webhook_attempts_total", {"destination": "ops", "result": result}
+                )
+                for result in ("delivered", "retry")
+            }
     finally:
         late.stop()
 
@@ -327,6 +333,7 @@ async def test_a_receiver_down_at_first_gets_the_event_once_when_up_and_every_at
     assert all("next_attempt_at" in a for a in trail[:-1])
     assert len({a["event_id"] for a in trail}) == 1
     assert (row.status, row.attempts, row.last_status) == ("delivered", len(trail), 200)
+    assert counted == {"delivered": 1, "retry": len(trail) - 1}
 
 
 async def test_a_4xx_answer_is_final_and_recorded_without_a_retry(daemon: Daemon) -> None:
