@@ -567,8 +567,9 @@ class Store:
 
         At most one reply per request (per envelope sender for replies that
         name none) in one claim, and none for the requests in `busy` (their
-        replies already in hand): a flood of replies to some requests waits
-        its turn behind one reply to each other request, never in front of it.
+        replies already in hand); requests with fewer replies waiting come
+        first. A flood of replies to some requests waits its turn behind one
+        reply to each other request, never in front of it.
         """
         params = {"busy": list(busy)}
         return self._claim(InboundMessage, _UNANSWERED, utcnow(), limit, lease, params=params)
@@ -744,14 +745,17 @@ _waiting = (
     .limit(FAIR_WINDOW)
     .subquery()
 )
+# The oldest reply of each request, the requests with the fewest replies waiting
+# first: one flooded with replies takes its turn after every quiet one.
 _turns = sa.select(
     _waiting.c.id,
     sa.func.row_number().over(partition_by=_waiting.c.whose, order_by=_waiting.c.id).label("turn"),
+    sa.func.count().over(partition_by=_waiting.c.whose).label("queued"),
 ).subquery()
 _UNANSWERED = (
     sa.select(_turns.c.id)
     .where(_turns.c.turn == 1)
-    .order_by(_turns.c.id)
+    .order_by(_turns.c.queued, _turns.c.id)
     .limit(sa.bindparam("limit"))
 )
 

@@ -50,6 +50,20 @@ def test_a_claim_takes_the_oldest_reply_of_each_request_before_a_second_of_any(
     assert sorted(row.request_id or "" for row in claimed) == ["FLOODED", "QUIET1", "QUIET2"]
 
 
+def test_requests_with_fewer_replies_waiting_are_served_first_even_when_newer(
+    store: Store,
+) -> None:
+    for request_id in ("FLOODED", "QUIET1", "QUIET2"):
+        add_request(store, request_id)
+    stored(store, 5, "FLOODED")  # the oldest replies
+    stored(store, 1, "QUIET1")
+    stored(store, 1, "QUIET2")
+
+    claimed = store.claim_inbound(2, LEASE)
+
+    assert sorted(row.request_id or "" for row in claimed) == ["QUIET1", "QUIET2"]
+
+
 def test_replies_naming_no_request_take_turns_per_envelope_sender(store: Store) -> None:
     stored(store, 20, None, sender="flood@x.example")
     stored(store, 1, None, sender="person@y.example")
@@ -177,7 +191,16 @@ def test_a_flood_of_malformed_and_undecidable_replies_to_some_requests_never_del
             resumed, 60, 0.5, what=f"{GENUINE} flows to resume\n{setup.daemon_log()[-3000:]}"
         )
         delays = sorted((done[r] - sent_at[r]).total_seconds() for r in sent_at)
-        assert delays[-1] < 30, f"{delays} after a flood sent in {flood_took:.1f}s"
+        answered = sorted(
+            (e.at - sent_at[r]).total_seconds()
+            for r in sent_at
+            for e in store.trail(r)
+            if e.event == "answered"
+        )
+        assert delays[-1] < 30, (
+            f"resumed after {delays}, answered after {answered}, "
+            f"following a flood sent in {flood_took:.1f}s"
+        )
         assert len(setup.wait_event("approved", GENUINE)) == GENUINE
         assert all(store.get(r.id).status == "pending" for r in flooded)  # nothing answered them
     finally:
