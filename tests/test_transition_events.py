@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from conftest import add_request
+from conftest import add_request, free_port, request_context, write_config
 
-from hitl_mail import transitions
-from hitl_mail.config import WebhookSettings
+from hitl_mail import intake, transitions
+from hitl_mail.actions import cancel_request
+from hitl_mail.config import WebhookSettings, load_config
 from hitl_mail.models import (
     AnswerSource,
     FeedbackRequest,
@@ -24,15 +26,19 @@ from hitl_mail.models import (
     WebhookEvent,
 )
 from hitl_mail.outbound import queue_row
+from hitl_mail.resume import ResumeResult, record_result
 from hitl_mail.store import Store
+from hitl_mail.timers import Timers
 
 ASSIGNEE = "ann@example.org"
 TOKEN = "t" * 48
-EVERY = WebhookSettings(name="ops", url="http://127.0.0.1:9/all", secret="s" * 32)
+EVERY = WebhookSettings(
+    name="ops", url="http://127.0.0.1:9/all", secret="Xq7vR2mK9pL4tW8zB3nC6yH1dF5gJ0sA"
+)
 ANSWERS_ONLY = WebhookSettings(
     name="answers",
     url="http://127.0.0.1:9/answers",
-    secret="a" * 32,
+    secret="uE4kP9rT2wQ7yM3vN8bZ5cX1hL6jG0dF",
     events=(WebhookEvent.ANSWERED,),
 )
 EVENTS = transitions.Events((EVERY, ANSWERS_ONLY))
@@ -173,3 +179,46 @@ def test_a_refusal_event_gives_its_reason_and_never_the_token(store: Store) -> N
     assert refused["request"]["status"] == "pending"
     assert TOKEN not in json.dumps(refused)
     assert TOKEN[:6] in refused["detail"]  # shown as its first characters only (SPEC 9)
+
+
+def test_every_stage_passes_the_configured_webhooks_to_its_transitions(
+    tmp_path: Path, database_url: str
+) -> None:
+    extra = """
+[auto_response]
+enabled = true
+timeout = "1h"
+reminders = [0.5]
+default_outcome = "rejected"
+
+[[webhooks]]
+name = "ops"
+url = "http://127.0.0.1:9/hook"
+secret = "Rb8Lm2Qx7Vk4Zp9Tn3Wc6Jh1Ys5Df0Ga"
+"""
+    path = write_config(
+        tmp_path / "hitl-mail.toml",
+        database_url=database_url,
+        smtp_port=free_port(),
+        relay_port=free_port(),
+        llm_url="http://127.0.0.1:9/v1",
+        extra=extra,
+    )
+    config = load_config(path)
+    store = Store(database_url)
+    store.migrate()
+    try:
+        late = intake.create_request(config, store, request_context(), {})
+        cancelled = intake.create_request(config, store, request_context(), {})
+        timers = Timers(config, store, on_fired=lambda kind: None)
+        for kind in ("reminder", "auto"):  # the timer stage, as if each were due
+            [timer] = [t for t in store.timers_of(late.id) if t.kind == kind]
+            assert timers.fire(timer)
+        record_result(store, late.id, 0, ResumeResult(ok=True), transitions.events_of(config))
+        assert cancel_request(config, store, cancelled.id, actor="cli")
+
+        told = [b["event"] for b in bodies(store, late.id)]
+        assert told == ["new_request", "reminder", "auto_answered", "resumed"]
+        assert [b["event"] for b in bodies(store, cancelled.id)] == ["new_request", "cancelled"]
+    finally:
+        store.close()

@@ -37,7 +37,11 @@ from hitl_mail.store import Store
 
 TESTS = Path(__file__).resolve().parent
 EVENTS = transitions.Events(
-    (WebhookSettings(name="ops", url="http://127.0.0.1:9/hook", secret="s" * 32),)
+    (
+        WebhookSettings(
+            name="ops", url="http://127.0.0.1:9/hook", secret="Xq7vR2mK9pL4tW8zB3nC6yH1dF5gJ0sA"
+        ),
+    )
 )
 ASSIGNEE = "ann@example.org"
 
