@@ -184,7 +184,11 @@ class Lane:
             while not stopping.is_set():
                 self.wakeup.clear()  # before looking, so a wakeup meanwhile is not lost
                 free = LANE_SLOTS - len(self._in_flight)
-                claimed = await asyncio.to_thread(self.queue.claim, self.name, free, self._lease())
+                claimed = (
+                    await asyncio.to_thread(self.queue.claim, self.name, free, self._lease())
+                    if free
+                    else []
+                )
                 for row in claimed:
                     task = asyncio.create_task(self._deliver(row), name=f"deliver {row.id}")
                     self._in_flight[task] = row
