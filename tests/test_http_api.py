@@ -430,3 +430,25 @@ async def test_hitl_mail_health_probes_the_http_server_when_health_is_off(
     code = await asyncio.to_thread(cli.main, args)
 
     assert (code, capsys.readouterr().out.strip()) == (0, "ready")
+
+
+async def test_health_on_the_same_address_as_http_is_served_by_the_one_server(
+    tmp_path: Path,
+    database_url: str,
+    mail_sink: MailSink,
+    llm: FakeLLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = http_config(tmp_path, database_url, mail_sink, llm)
+    health = config.health.model_copy(
+        update={"enabled": True, "host": config.http.host, "port": config.http.port}
+    )
+    monkeypatch.setattr(app_module, "Resumer", ResumeParked)
+
+    async with (
+        App(config.model_copy(update={"health": health})) as app,
+        httpx.AsyncClient(timeout=20) as client,
+    ):
+        assert app.health_port == app.http_port == config.http.port
+        ready = await client.get(f"http://127.0.0.1:{app.http_port}/readyz")
+        assert (ready.status_code, ready.text) == (200, "ready\n")
