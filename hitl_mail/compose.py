@@ -417,7 +417,7 @@ def _request_blocks(
         _title(_question(w, content)),
         *_answer_blocks(w, content, reply_to, subject, expires_at),
         _Block("heading", (_label(content),)),
-        _Block("output", value=content.method_output),
+        _Block("output", (w("(no output)"),), content.method_output),
     ]
 
 
@@ -846,7 +846,7 @@ def _render_text(mail: _Mail) -> str:
 
 def _block_text(block: _Block) -> str:
     if block.kind == "output":
-        return f"{_RULE}\n{_output_text(block.value)}\n{_RULE}"
+        return f"{_RULE}\n{_output_text(block.value) or block.spans[0]}\n{_RULE}"
     if block.kind == "box":
         return "\n".join(text for inner in block.value if (text := _block_text(inner)))
     if block.kind == "buttons":
@@ -874,11 +874,7 @@ def _output_text(value: Any) -> str:
         text = "\n".join("- " + _scalar_text(item).replace("\n", "\n  ") for item in value)
     else:
         text = "" if value is None else _scalar_text(value)
-    return _wrap_markdown(text) if text else _no_output()
-
-
-def _no_output() -> str:
-    return "(no output)"
+    return _wrap_markdown(text)
 
 
 def _pair_text(key: str, value: Any) -> str:
@@ -949,7 +945,10 @@ def _render_html(mail: _Mail) -> str:
 
 def _block_html(block: _Block) -> str:
     if block.kind == "output":
-        return f"<div{_style('.output')}>{_output_html(block.value)}</div>"
+        shown = (
+            _output_html(block.value) or f"<p{_style('.note')}>{html.escape(block.spans[0])}</p>"
+        )
+        return f"<div{_style('.output')}>{shown}</div>"
     if block.kind == "box":
         inner = "\n".join(_block_html(part) for part in block.value)
         return f'<div class="hm-box"{_style(".box")}>{inner}</div>'
@@ -983,7 +982,7 @@ def _output_html(value: Any) -> str:
         items = "".join(f"<li{_style('.item')}>{_value_html(item)}</li>" for item in value)
         return f"<ul{_style('.list')}>{items}</ul>"
     if value is None or value in ("", {}, []):
-        return f"<p{_style('.note')}>{_no_output()}</p>"
+        return ""  # the block's own "(no output)" shows instead
     return f"<p{_style('.para')}>{_value_html(value)}</p>"
 
 

@@ -30,7 +30,7 @@ def test_a_paused_flow_is_emailed_and_an_exact_reply_resumes_it_without_an_llm_c
     assert info["reply_to"].endswith("@reply.example.com")
 
     [notification] = setup.sink.wait_for("notification", info["request_id"])
-    assert notification["Reply-To"] == info["reply_to"]
+    assert notification["Reply-To"].addresses[0].addr_spec == info["reply_to"]
     assert notification["Auto-Submitted"] == "auto-generated"
     assert notification["Message-ID"].endswith("@example.com>")
     assert notification.get_content_type() == "multipart/alternative"
