@@ -136,6 +136,10 @@ async def test_reminders_arrive_at_their_fractions_and_escalation_moves_the_requ
         assert 0.5 <= reminders[0] <= 2.5, reminders  # 25% of 4 s
         assert 1.5 <= reminders[1] <= 3.5, reminders  # 50% of 4 s
         assert all(m["To"] == "owner@example.com" for m in mail_sink.of("reminder", request.id))
+        assert all(
+            m["Subject"] == "Reminder: " + first["Subject"]
+            for m in mail_sink.of("reminder", request.id)
+        )
 
         second = (
             await until(
@@ -150,6 +154,13 @@ async def test_reminders_arrive_at_their_fractions_and_escalation_moves_the_requ
         assert second["Reply-To"] != first["Reply-To"]
         [told] = await until(lambda: mail_sink.of("error", request.id), what="old assignee told")
         assert (told["To"], told["X-HITL-Error"]) == ("owner@example.com", "reassigned")
+        # The new assignee hears from whom and why; the old one is not told of a reply.
+        assert second["Subject"] == "Reassigned to you: " + first["Subject"]
+        said = " ".join(_text(second).split())
+        assert "Reassigned to you: owner@example.com did not answer within 4 seconds." in said
+        told_text = " ".join(_text(told).split())
+        assert "now waits for boss@example.com" in told_text
+        assert "your reply" not in told_text.lower()
 
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
             await aiosmtplib.send(
@@ -405,3 +416,7 @@ def test_the_rules_sla_target_is_recorded_beside_the_time_to_answer(
     shown = as_json(store.get(request.id))
     assert 0 <= shown["response_seconds"] < 60
     assert shown["sla_met"] is True
+
+
+def _text(message: Any) -> str:
+    return str(message.get_body(("plain",)).get_content())
