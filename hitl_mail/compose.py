@@ -964,7 +964,8 @@ def _block_html(block: _Block) -> str:
         for span in block.spans
     )
     tag = {"title": "h1", "heading": "h2"}.get(block.kind, "p")
-    return f"<{tag}{_style('.' + block.kind)}>{inner}</{tag}>"
+    muted = ' class="hm-muted"' if block.kind in ("note", "heading") else ""
+    return f"<{tag}{muted}{_style('.' + block.kind)}>{inner}</{tag}>"
 
 
 def _output_html(value: Any) -> str:
