@@ -153,7 +153,9 @@ def test_costly_charsets_are_refused_and_a_genuine_reply_after_them_resumes_its_
     [approved] = setup.wait_event("approved", timeout=60)
     resumed_after = time.monotonic() - sent
     assert approved["feedback"] == "Approved"
-    assert resumed_after < 15, f"resumed {resumed_after:.1f}s after the reply"
+    # A few seconds on an idle machine; each costly reply read to its parse_timeout
+    # would take 8 x 5 s, and read in full, minutes.
+    assert resumed_after < 25, f"resumed {resumed_after:.1f}s after the reply"
     refusals = [
         e for e in setup.show(info["request_id"])["audit"] if e["event"].startswith("reply_")
     ]
