@@ -124,22 +124,17 @@ def test_sighup_reloads_routing_without_dropping_an_open_smtp_connection(setup: 
 def test_a_reply_sent_to_postfix_reaches_the_daemon_through_the_transport_map_and_resumes_the_flow(
     setup: Setup,
 ) -> None:
-    from test_postfix_relay import shipped_settings
+    from test_postfix_relay import shipped_files, shipped_settings
 
     setup.start_daemon()
     # deploy/postfix as shipped: relay the reply domain through the transport map, and
     # ask the daemon at RCPT time whether it takes the token (reject_unverified_recipient).
     settings = shipped_settings() | {"mynetworks": "", "address_verify_poll_delay": "1s"}
-    deploy = Path(__file__).resolve().parent.parent / "deploy" / "postfix"
-    files = {
-        name: (deploy / name).read_text()
-        for name in ("hitl-mail-verify", "hitl-mail-recipients.regexp")
-    }
     with PostfixRelay(
         reply_domain="reply.example.com",
         target_port=setup.smtp_port,
         settings=settings,
-        files=files,
+        files=shipped_files(),
     ) as relay:
         info = setup.kickoff()["callback_info"]
         rid = info["request_id"]

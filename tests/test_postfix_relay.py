@@ -140,6 +140,18 @@ async def test_mail_for_another_domain_is_refused_as_relay_access_denied(
     await asyncio.to_thread(relay.wait_for_log, "NOQUEUE: reject: RCPT", 10.0)
 
 
+def shipped_files() -> dict[str, str]:
+    """The maps deploy/postfix ships, by file name, as the fragment's settings name them."""
+    return {
+        name: (DEPLOY_POSTFIX / name).read_text()
+        for name in (
+            "hitl-mail-verify",
+            "hitl-mail-recipients.regexp",
+            "hitl-mail-header-checks.regexp",
+        )
+    }
+
+
 def shipped_settings() -> dict[str, str]:
     """deploy/postfix/main.cf.fragment as parameters, its maps read from the instance."""
     settings: dict[str, str] = {}
@@ -165,16 +177,11 @@ async def production_relay(listener: FakeListener) -> AsyncIterator[PostfixRelay
         # Poll the verify service every second instead of every 3 (test speed only).
         "address_verify_poll_delay": "1s",
     }
-    files = {
-        name: (DEPLOY_POSTFIX / name).read_text()
-        for name in (
-            "hitl-mail-verify",
-            "hitl-mail-recipients.regexp",
-            "hitl-mail-header-checks.regexp",
-        )
-    }
     postfix = PostfixRelay(
-        reply_domain=REPLY_DOMAIN, target_port=listener.port, settings=settings, files=files
+        reply_domain=REPLY_DOMAIN,
+        target_port=listener.port,
+        settings=settings,
+        files=shipped_files(),
     )
     await asyncio.to_thread(postfix.start)
     try:
