@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import warnings
@@ -96,6 +97,7 @@ class Zygote(forkserver.ForkServer):
         self.preload = preload
         self.ready_fd: int | None = None  # readable once the zygote has imported everything
         self.reading = False  # a thread waits on ready_fd (which it then closes)
+        self._popen: subprocess.Popen[bytes] | None = None
         self._started = False
 
     @property
@@ -105,9 +107,8 @@ class Zygote(forkserver.ForkServer):
     def ensure_running(self) -> None:
         with self._lock:
             resource_tracker.ensure_running()
-            if self._forkserver_pid is not None:
-                pid, _ = os.waitpid(self._forkserver_pid, os.WNOHANG)
-                if not pid:
+            if self._popen is not None:
+                if self._popen.poll() is None:
                     return
                 self._forkserver_pid = None  # reaped
             if self._started:
@@ -129,8 +130,14 @@ class Zygote(forkserver.ForkServer):
                     f"zygote_main({listener.fileno()}, {alive_r}, {ready_w}, {self.preload!r})"
                 )
                 exe = spawn.get_executable()
-                args = [exe, *_util._args_from_interpreter_flags(), "-c", code]
-                pid = _util.spawnv_passfds(exe, args, [listener.fileno(), alive_r, ready_w])
+                # A session of its own: a signal sent to the daemon's process group (a
+                # terminal's Ctrl-C, a service manager) reaches neither it nor its workers,
+                # not even while it starts, before it can ignore one.
+                self._popen = subprocess.Popen(
+                    [exe, *_util._args_from_interpreter_flags(), "-c", code],
+                    pass_fds=(listener.fileno(), alive_r, ready_w),
+                    start_new_session=True,
+                )
             except BaseException:
                 for fd in (alive_w, ready_r):
                     os.close(fd)
@@ -140,19 +147,17 @@ class Zygote(forkserver.ForkServer):
                 os.close(ready_w)
         self._forkserver_address = address
         self._forkserver_alive_fd = alive_w
-        self._forkserver_pid = pid
+        self._forkserver_pid = self._popen.pid
         self.ready_fd = ready_r
 
     def stop(self) -> None:
         """Kill the zygote (its idle workers die with it) and reap it."""
         with self._lock:
             self._started = True  # never started after this
-            pid, self._forkserver_pid = self._forkserver_pid, None
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+            self._forkserver_pid = None
+            if self._popen is not None:
+                self._popen.kill()  # nothing if reaped already
+                self._popen.wait()
             if self._forkserver_alive_fd is not None:
                 os.close(self._forkserver_alive_fd)
                 self._forkserver_alive_fd = None
@@ -290,8 +295,9 @@ class WorkerPool(ProcessPoolExecutor):
 
     def stop(self) -> None:
         """End it now: running calls are lost (their callers see the pool broken)."""
-        self._stopped = True
-        processes = list((self._processes or {}).values())
+        with self._shutdown_lock:  # no worker is forked after this
+            self._stopped = True
+            processes = list((self._processes or {}).values())
         self.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
