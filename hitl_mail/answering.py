@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -320,7 +320,7 @@ class Answering:
         try:
             tokens.verify(token, issued_to, self.config.secret_keys, self.config.tokens.max_age)
         except tokens.ExpiredToken as exc:
-            self._tell(request, issued_to, "expired")()
+            self._fresh_link(request, issued_to, token)
             raise Refusal("expired", f"token issued {exc.parts.issued_at.isoformat()}") from None
         if request.status == RequestStatus.CANCELLED:
             self._tell(request, issued_to, "cancelled")()
@@ -328,7 +328,49 @@ class Answering:
         if request.status != RequestStatus.PENDING:
             self._already_answered(request, issued_to)()
             raise Refusal("already_answered", request.status)
+        if _revoked(token, request):
+            self._fresh_link(request, issued_to, token)
+            raise Refusal("expired", "revoked: a fresh link replaced this token")
         return issued_to
+
+    def _fresh_link(self, request: FeedbackRequest, to: str, token: str) -> None:
+        """Answer a reply through an expired or revoked link: with a link that works, if any can.
+
+        A pending request's assignee gets its current link if that one still
+        works, else a fresh token (the old ones revoked, `transitions.token_renewed`).
+        A request no longer pending gets no link: there is nothing left to answer.
+        Either way at most one such mail per request and address a day, so a
+        flood of replies to an old link mints no flood of tokens.
+        """
+        if request.status != RequestStatus.PENDING:
+            self._tell(request, to, "expired")()
+            return
+        current, keys = request.token or "", self.config.secret_keys
+        if current != token and _works(current, to, keys, self.config.tokens.max_age):
+            fresh_reply_to = addressing(self.config).address(current)
+            self._tell(request, to, "expired", fresh_reply_to=fresh_reply_to)()
+            return
+        if self._told_lately(request, to, "error:expired"):
+            self._suppressed(request, to, "expired")
+            return
+        fresh = tokens.mint(request.id, to, keys)
+        message = compose.error_mail(
+            "expired",
+            content_of(request, self.config),
+            sender=sender(self.config),
+            to=to,
+            thread_id=request.notification_id or "",
+            reply_to=None,
+            fresh_reply_to=addressing(self.config).address(fresh),
+        )
+        mail = queue_row(message, kind="error:expired", request_id=request.id, recipient=to)
+        renewed = transitions.token_renewed(
+            request.id, before=current, after=fresh, to=to, mail=mail
+        )
+        if not transitions.record(self.store, [renewed])[0]:
+            log.info(
+                "request %s: its link was renewed meanwhile, or it is no longer pending", request.id
+            )
 
     @staticmethod
     def _needs_llm(checked: _Checked) -> bool:
@@ -477,17 +519,8 @@ class Answering:
 
         def queue() -> None:
             mail_kind = f"error:{kind}"
-            since = utcnow() - ERROR_MAIL_WINDOW
-            if (
-                self.store.recent_mail_exists(to, mail_kind, request.id, since)
-                or self.store.error_mails_since(request.id, since) >= ERROR_MAILS_PER_REQUEST
-            ):
-                self.store.audit(
-                    request.id,
-                    "error_mail_suppressed",
-                    "hitl-mail",
-                    detail={"kind": kind, "to": to},
-                )
+            if self._told_lately(request, to, mail_kind):
+                self._suppressed(request, to, kind)
                 return
             message = compose.error_mail(
                 kind,
@@ -506,6 +539,33 @@ class Answering:
             )
 
         return queue
+
+    def _told_lately(self, request: FeedbackRequest, to: str, mail_kind: str) -> bool:
+        """Whether the error mail limits of `_tell` hold back one more mail of `mail_kind`."""
+        since = utcnow() - ERROR_MAIL_WINDOW
+        return (
+            self.store.recent_mail_exists(to, mail_kind, request.id, since)
+            or self.store.error_mails_since(request.id, since) >= ERROR_MAILS_PER_REQUEST
+        )
+
+    def _suppressed(self, request: FeedbackRequest, to: str, kind: str) -> None:
+        self.store.audit(
+            request.id, "error_mail_suppressed", "hitl-mail", detail={"kind": kind, "to": to}
+        )
+
+
+def _revoked(token: str, request: FeedbackRequest) -> bool:
+    """Whether `token` was issued before the request's current token: replaced by a fresh link."""
+    current = request.token
+    return current is not None and tokens.read(token).issued_at < tokens.read(current).issued_at
+
+
+def _works(token: str, address: str, keys: Sequence[str], max_age: timedelta) -> bool:
+    try:
+        tokens.verify(token, address, keys, max_age)
+    except (tokens.BadToken, tokens.ExpiredToken):
+        return False
+    return True
 
 
 def _token_of(row: InboundMessage, reply_addressing: tokens.ReplyAddressing) -> str | None:

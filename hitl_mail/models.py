@@ -79,6 +79,7 @@ class Audit(StrEnum):
     NOTIFICATION_QUEUED = "notification_queued"
     REMINDER_QUEUED = "reminder_queued"
     ESCALATED = "escalated"
+    TOKEN_RENEWED = "token_renewed"
     ANSWERED = "answered"
     CANCELLED = "cancelled"
     RESUMED = "resumed"

@@ -213,6 +213,32 @@ def escalated(
     return _change(request_id, OPEN, dict(after), [*mail, audit], WebhookEvent.ESCALATED, events)
 
 
+def token_renewed(
+    request_id: str,
+    *,
+    before: str,
+    after: str,
+    to: str,
+    mail: OutboxMessage,
+) -> Transition:
+    """Give a pending request a fresh token `after` in place of its expired `before`, mailed to `to`.
+
+    A token issued before the request's current one is refused (answering.py),
+    so `before` and every older token are revoked with it. Moves only while
+    the request still holds `before`: of replies racing on one expired link,
+    one renews it.
+    """
+    issued = tokens.read(after).issued_at
+    audit = audit_event(
+        request_id, Audit.TOKEN_RENEWED, ACTOR, detail={"to": to, "issued_at": _iso(issued)}
+    )
+    queued = audit_event(
+        request_id, Audit.ERROR_MAIL_QUEUED, ACTOR, detail={"kind": "expired", "to": to}
+    )
+    values = {"token": after}
+    return _change(request_id, OPEN, values, [mail, audit, queued], expect=(("token", before),))
+
+
 def cancelled(
     store: Store,
     request_id: str,

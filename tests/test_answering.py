@@ -420,6 +420,27 @@ async def test_a_reply_to_an_expired_token_records_nothing_and_explains_to_the_t
     assert daemon.sink.of("confirmation", request.id) == []
 
 
+async def test_a_link_older_than_the_requests_current_one_is_refused_and_the_current_one_offered(
+    daemon: Daemon,
+) -> None:
+    request, notification = await daemon.notified()
+    an_hour_ago = utcnow() - timedelta(hours=1)  # within max_age, but before the current link
+    older = tokens.mint(request.id, ASSIGNEE, daemon.config.secret_keys, now=an_hour_ago)
+
+    await answer(daemon, reply_to(notification, "Approved", to=f"reply+{older}@reply.example.com"))
+
+    [refused] = await daemon.event(request.id, "reply_expired")
+    assert refused.detail["why"].startswith("revoked")
+    assert daemon.store.get(request.id).status == "pending"
+    await daemon.settled(request.id)
+    [expired] = daemon.sink.of("error", request.id)
+    assert (
+        expired["Reply-To"].addresses[0].addr_spec
+        == notification["Reply-To"].addresses[0].addr_spec
+    )
+    assert daemon.store.get(request.id).token == request.token  # nothing minted: it still works
+
+
 @pytest.mark.parametrize(
     "headers",
     [
