@@ -42,7 +42,7 @@ def test_the_demo_pauses_a_flow_emails_it_takes_a_reply_and_prints_the_resumed_r
 
     notification = section(out, 3)
     assert "To: you@example.com" in notification
-    assert "Reply-To: reply+" in notification
+    assert "Reply-To: Reply to answer <reply+" in notification
     assert "@reply.localhost" in notification
     assert "Reply with one of: approved, rejected" in notification
 
