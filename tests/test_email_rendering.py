@@ -155,7 +155,7 @@ def test_every_mail_fits_a_phone_and_a_desktop_and_shows_how_to_answer_first(
     for width, height in ((360, 740), (1280, 800)):
         page = browser.new_page(viewport={"width": width, "height": height})
         try:
-            page.set_content(page_html, wait_until="load")
+            page.set_content(page_html, wait_until="domcontentloaded")
             page.screenshot(path=str(SCREENSHOTS / f"{kind}-{width}.png"), full_page=True)
             scroll, inner = page.evaluate(
                 "[document.documentElement.scrollWidth, window.innerWidth]"
@@ -179,7 +179,7 @@ def test_every_mail_fits_a_phone_and_a_desktop_and_shows_how_to_answer_first(
 def test_the_method_output_keeps_its_structure_on_a_phone(browser: Any) -> None:
     page = browser.new_page(viewport={"width": 360, "height": 740})
     try:
-        page.set_content(html_of(MAILS["notification"]()), wait_until="load")
+        page.set_content(html_of(MAILS["notification"]()), wait_until="domcontentloaded")
         assert page.locator("h1").count() == 1  # the output's "# Quarterly budget" is below it
         assert page.locator("h3", has_text="Quarterly budget").count() == 1
         assert page.locator("ul ul ul li", has_text="including the contractors").count() == 1
