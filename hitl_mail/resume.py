@@ -26,6 +26,7 @@ import signal
 import site
 import sys
 import sysconfig
+import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -67,6 +68,7 @@ class ResumeResult:
     summary: str = ""
     error: str | None = None  # traceback text on failure
     recorded: bool = False  # the worker already wrote the result (status, audit event)
+    outcome: str | None = None  # the answer's outcome the flow resumed with
 
 
 # -- inside the worker process ------------------------------------------------
@@ -96,11 +98,36 @@ def init_worker(config: Config) -> None:
         preload(config.flows.import_paths, ())
     else:
         add_import_paths(config.flows.import_paths)  # the parent's sys.path was set back
+    quiet_console(config)
     from hitl_mail.provider import bind_daemon
 
     store = Store(config.daemon.database_url)
     bind_daemon(config, store)
     _worker = (config, store)
+
+
+def quiet_console(config: Config) -> None:
+    """No crewAI console panel in the daemon's log; crewAI's warnings logged as the daemon's are.
+
+    crewAI renders flow events (flow started, each method, flow finished) as
+    Rich panels meant for a terminal: in the daemon's log they were most of
+    it. Its own switch turns them off (set here, it holds in every context the
+    event bus copies from this thread), and whatever is still printed (by
+    crewAI or a flow method) goes to /dev/null. What crewAI and the flows
+    log, warnings included, goes through the daemon's log setup: one line per
+    event, to stderr, tokens redacted.
+    """
+    from crewai.events.utils.console_formatter import set_suppress_console_output
+
+    from hitl_mail import logs
+
+    set_suppress_console_output(True)
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    logs.setup(config.logging)
+    logging.captureWarnings(True)
 
 
 def add_import_paths(import_paths: Sequence[str]) -> None:
@@ -146,7 +173,7 @@ def resume_request(request_id: str, attempts: int) -> ResumeResult:
     try:
         request = store.get(request_id)
         flow = restore(request, store)
-        result = _outcome_of(flow.resume(request.feedback or ""))
+        result = replace(_outcome_of(flow.resume(request.feedback or "")), outcome=request.outcome)
     except BaseException as exc:  # a flow may raise anything; record it, keep the worker
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -483,6 +510,7 @@ class Resumer:
         return max(self.config.daemon.resume_workers * 2 - len(self._tasks), 0)
 
     async def _resume(self, request: Resumable) -> None:
+        started = time.monotonic()
         renew = asyncio.create_task(self._keep_lease(request.id))
         pool = self.pool
         try:
@@ -508,7 +536,7 @@ class Resumer:
             await asyncio.to_thread(
                 record_result, self.store, request.id, request.resume_attempts, result, events
             )
-        self._report(request, result)
+        self._report(request, result, time.monotonic() - started)
         self.observe(result.ok)
         if result.paused_again:
             self.on_paused_again()
@@ -518,20 +546,16 @@ class Resumer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, resume_request, request.id, request.resume_attempts)
 
-    def _report(self, request: Resumable, result: ResumeResult) -> None:
+    def _report(self, request: Resumable, result: ResumeResult, seconds: float) -> None:
+        """The one log line of a resume: INFO when it ran, ERROR when it failed."""
+        said = (request.id, request.flow_class, result.outcome, seconds)
         if result.ok:
-            log.info(
-                "request %s: flow %s resumed (%s)",
-                request.id,
-                request.flow_class,
-                result.summary[:80],
-            )
+            log.info("request %s: resume of %s with outcome %s took %.2fs: ok", *said)
             return
         attempts = request.resume_attempts + 1
         log.error(
-            "request %s: resume of %s failed (attempt %d)%s",
-            request.id,
-            request.flow_class,
+            "request %s: resume of %s with outcome %s took %.2fs: failed (attempt %d)%s",
+            *said,
             attempts,
             "" if retried_automatically(attempts) else "; waiting for `hitl-mail requests retry`",
         )

@@ -1,0 +1,47 @@
+"""The daemon's log while it resumes flows: one line per resume, never crewAI's console panels.
+
+crewAI renders flow events as Rich panels meant for a terminal ("Flow
+Started", each "Method" run, "Flow Completed"); resume workers run flows, so
+without care those panels filled the daemon's log. A real daemon, real
+flows, real SMTP; the daemon's stdout and stderr are captured together.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import Setup, reply_to, send_async_many
+
+REPLIES = 200
+BATCH = 40
+# Rich's panel borders (rounded and square boxes) and crewAI's flow-event texts.
+PANEL = re.compile(r"[╭╮╰╯│─┌┐└┘]")
+CREWAI_EVENTS = ("Flow Started", "Flow Execution", "Method", "Flow Completed", "🌊")
+RESUMED = re.compile(
+    r" INFO hitl_mail\.resume: request (\w+): resume of review_flows\.ReviewFlow "
+    r"with outcome approved took \d+\.\d\ds: ok$"
+)
+
+
+@pytest.mark.slow
+def test_a_200_reply_run_logs_one_line_per_resume_and_no_crewai_panel(setup: Setup) -> None:
+    setup.start_daemon()
+    paused = setup.kickoff_many(REPLIES)
+    ids = {p["callback_info"]["request_id"] for p in paused}
+    notifications = setup.sink.wait_for("notification", count=REPLIES, timeout=120)
+
+    replies = [reply_to(n, "approved") for n in notifications]
+    for start in range(0, REPLIES, BATCH):  # within the listener's connection limit
+        batch = replies[start : start + BATCH]
+        assert send_async_many(setup.smtp_port, batch) == [None] * len(batch)
+
+    setup.wait_event("approved", count=REPLIES, timeout=300)
+    setup.sink.wait_for("confirmation", count=REPLIES, timeout=60)
+    log = setup.daemon_log()
+    lines = log.splitlines()
+    assert [line for line in lines if PANEL.search(line)] == []
+    assert [line for line in lines if any(text in line for text in CREWAI_EVENTS)] == []
+    resumed = [m[1] for line in lines if (m := RESUMED.search(line))]
+    assert sorted(resumed) == sorted(ids)  # exactly one line for each resume
+    assert len([line for line in lines if "hitl_mail.resume" in line]) >= REPLIES
