@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 from collections import deque
 from collections.abc import Callable
@@ -72,8 +73,14 @@ class _Worker:
 
     def __init__(self, ours: Ours, parse: Parse) -> None:
         mine, theirs = _forkserver.Pipe(duplex=True)
+        # The fork server was started before the daemon lowered its own priority:
+        # a worker would otherwise parse at the SMTP listener's priority, not below it.
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
         self.process: BaseProcess = _forkserver.Process(
-            target=work, args=(theirs, ours, parse), name="hitl-mail-parse", daemon=True
+            target=work,
+            args=(theirs, ours, parse, niceness),
+            name="hitl-mail-parse",
+            daemon=True,
         )
         try:
             self.process.start()
@@ -226,9 +233,16 @@ def _hand_over(waiter: asyncio.Future[_Worker], worker: _Worker, parsers: Parser
 # -- in the worker ------------------------------------------------------------------------
 
 
-def work(pipe: Connection, ours: Ours, parse: Parse = parse_reply) -> None:
-    """The worker's entry point: parse what comes down the pipe until it closes."""
+def work(pipe: Connection, ours: Ours, parse: Parse = parse_reply, niceness: int = 0) -> None:
+    """The worker's entry point: parse what comes down the pipe until it closes.
+
+    Parsing is the answering stage's work: it runs at the daemon's niceness
+    (`niceness`), so under load the SMTP listener comes first, as it does for
+    the daemon itself.
+    """
     children.die_with_parent()
+    if niceness > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     while True:

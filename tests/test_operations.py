@@ -376,7 +376,7 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("priority", ["idle", "low"])
-def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume_workers(
+def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_workers(
     setup: Setup, priority: str
 ) -> None:
     text = setup.config.read_text()
@@ -395,6 +395,14 @@ def test_the_smtp_listener_gets_the_cpu_before_the_daemons_stages_and_its_resume
         return found if len(found) == 2 else []
 
     wait_until(workers, 60, what=f"two resume workers at priority {priority!r}")
+
+    def parse_workers() -> list[int]:  # the listener's siblings, forked by the same fork server
+        fork_server = int(Path(f"/proc/{listener}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        found = [c for c in children(fork_server) if c != listener]
+        return found if len(found) == 2 else []
+
+    for parser in wait_until(parse_workers, 30, what="two parse workers"):
+        assert niceness(parser) == base + 2  # the daemon's stages' priority, below the listener
     assert niceness(listener) == base
     assert os.sched_getscheduler(listener) == os.SCHED_OTHER
     assert niceness(daemon.pid) == base + 2
