@@ -415,19 +415,10 @@ def report(r: dict[str, Any]) -> str:
 
 
 def write(r: dict[str, Any], text: str) -> None:
-    results = BENCH / "results"
-    (results / "fuzz.json").write_text(json.dumps(r, indent=2) + "\n")
-    (results / "fuzz.md").write_text(text)
-    path = BENCH / "RESULTS.md"
-    current = path.read_text()
-    section = re.compile(r"^## Inbound fuzzing\n.*?(?=^## |\Z)", re.S | re.M)
-    if section.search(current):
-        current = section.sub(lambda _: text + "\n", current, count=1)
-    else:
-        at = current.find("\n## What the profiles showed")
-        at = len(current) if at < 0 else at + 1
-        current = current[:at] + text + "\n" + current[at:]
-    path.write_text(current)
+    from bench.report import write_standalone
+
+    (BENCH / "results" / "fuzz.json").write_text(json.dumps(r, indent=2) + "\n")
+    write_standalone("fuzz", text)
 
 
 def main() -> None:

@@ -356,13 +356,43 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         and json.loads(baseline.read_text()).get("quick") == results["quick"]
     ):
         lines += before_after(results, json.loads(baseline.read_text()))
-    fuzzing = BENCH / "results" / "fuzz.md"  # `python -m bench.fuzz --write`, run on its own
-    if fuzzing.exists():
-        lines += [fuzzing.read_text().rstrip(), ""]
+    for name in STANDALONE:  # each written by its own command (see write_standalone)
+        written = BENCH / "results" / f"{name}.md"
+        if written.exists():
+            lines += [_marked(name, written.read_text()), ""]
     findings = BENCH / "findings.md"
     if findings.exists():
         lines += [findings.read_text().rstrip(), ""]
     path.write_text("\n".join(lines))
+
+
+# Benchmarks run on their own, not by `bench.run`: each keeps its section of
+# RESULTS.md in results/NAME.md, and a full run's rewrite puts them back.
+STANDALONE = ("burst", "workers", "fuzz")
+
+
+def _marked(name: str, text: str) -> str:
+    return f"<!-- bench.{name} -->\n{text.strip()}\n<!-- /bench.{name} -->"
+
+
+def write_standalone(name: str, text: str, path: Path | None = None) -> None:
+    """Store a standalone benchmark's section and put it into RESULTS.md in place.
+
+    The section replaces the one between its markers, or, the first time,
+    goes before the hand-written findings (or at the end).
+    """
+    assert name in STANDALONE, name
+    (BENCH / "results" / f"{name}.md").write_text(text.strip() + "\n")
+    path = path or BENCH / "RESULTS.md"
+    current = path.read_text() if path.exists() else ""
+    begin, end = f"<!-- bench.{name} -->", f"<!-- /bench.{name} -->"
+    if begin in current and end in current:
+        head, _, rest = current.partition(begin)
+        tail = rest.partition(end)[2].lstrip("\n")
+    else:
+        at = current.find("\n## What the profiles showed")
+        head, tail = (current, "") if at < 0 else (current[: at + 1], current[at + 1 :])
+    path.write_text(f"{head.rstrip()}\n\n{_marked(name, text)}\n\n{tail}".rstrip() + "\n")
 
 
 if __name__ == "__main__":

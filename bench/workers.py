@@ -17,8 +17,8 @@ workers that have done real work:
   spawn) to running its first call (it holds that call 0.3 s, so each of the
   N first calls lands on a different worker).
 
-Writes a section of RESULTS.md between `<!-- bench.workers -->` markers
-(replaced on the next run) with the command, the date and the load average,
+Writes its section of RESULTS.md (bench/results/workers.md, which a full
+`bench.run` keeps; replaced on the next run) with the command, the date and the load average,
 and prints the figures as JSON.
 """
 
@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH, FLOW_CLASS, PYTHON, ROOT, child_env, free_port, write_config
+from bench.report import write_standalone
 
-MARK_BEGIN = "<!-- bench.workers -->"
-MARK_END = "<!-- /bench.workers -->"
 HOLD = 0.3  # seconds each first call holds its worker
 GOAL_PSS_FACTOR = 1.3  # PSS of all workers together <= 1.3 x one spawned worker's RSS
 GOAL_READY_S = 0.5
@@ -211,7 +210,6 @@ def section(result: dict[str, Any], command: str) -> str:
     f, s = result["forked"], result.get("spawned")
     mb = 1024
     lines = [
-        MARK_BEGIN,
         "## Resume workers: memory and start",
         "",
         f"Written by `{command}` on {result['date']} in {result['seconds']:.0f} s. "
@@ -267,19 +265,7 @@ def section(result: dict[str, Any], command: str) -> str:
         f"| **{'met' if worst < GOAL_READY_S else 'missed'}**"
         f"{'' if worst < GOAL_READY_S else ' (wall, on this loaded machine)'} |"
     )
-    lines += ["", MARK_END, ""]
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    current = path.read_text(encoding="utf-8") if path.exists() else ""
-    if MARK_BEGIN in current and MARK_END in current:
-        before = current[: current.index(MARK_BEGIN)]
-        after = current[current.index(MARK_END) + len(MARK_END) :].lstrip("\n")
-        current = before + text + after
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    path.write_text(current, encoding="utf-8")
 
 
 def load() -> str:
@@ -335,7 +321,7 @@ def main() -> None:
     command = "nice python -m bench.workers" + (" --no-spawn" if not args.spawn else "")
     if args.workers != 2:
         command += f" --workers {args.workers}"
-    write_section(Path(args.output), section(result, command))
+    write_standalone("workers", section(result, command), Path(args.output))
     print(json.dumps(result, indent=2))
 
 
