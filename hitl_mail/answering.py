@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from hitl_mail import authentication, compose, tokens, transitions
 from hitl_mail.config import Config
@@ -39,7 +39,8 @@ from hitl_mail.outbound import queue_row
 from hitl_mail.outcomes import Decision, LLMSettings, decide, exact_match
 from hitl_mail.parsing import Ours, Parsers
 from hitl_mail.replies import ParsedReply
-from hitl_mail.store import Store, Transition, audit_event
+from hitl_mail.store import Store, Transition
+from hitl_mail.transitions import ErrorMail, MailLimit, Refusal, RefusalKind, Tell
 from hitl_mail.waiting import Arrivals, Coalesce, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,6 @@ class _Slot:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
-
-
-@dataclass(frozen=True)
-class Refusal(Exception):
-    """The reply cannot answer its request; `result` names why (it is recorded)."""
-
-    result: str
-    detail: Any = None
 
 
 def llm_settings(config: Config) -> LLMSettings:
@@ -255,14 +248,15 @@ class Answering:
         if parsed.malformed is not None:  # before anything else reads what it says
             if row.request_id is not None:
                 request = self.store.find(row.request_id, with_state=False)
-            self._refuse(row, parsed, request, Refusal("malformed", parsed.malformed))
-            return _Checked(parsed, request, refused="malformed")
+            refused = self._refuse(
+                row, parsed, request, Refusal(RefusalKind.MALFORMED, parsed.malformed)
+            )
+            return _Checked(parsed, request, refused=refused)
         try:
             token, request = self._locate(row, parsed)
             issued_to = self._admissible(row, parsed, token, request)
         except Refusal as refusal:
-            self._refuse(row, parsed, request, refusal)
-            return _Checked(parsed, request, refused=refusal.result)
+            return _Checked(parsed, request, refused=self._refuse(row, parsed, request, refusal))
         return _Checked(parsed, request, issued_to)
 
     def _locate(self, row: InboundMessage, parsed: ParsedReply) -> tuple[str, FeedbackRequest]:
@@ -275,19 +269,20 @@ class Answering:
         if token is not None:
             request = self.store.find(tokens.read(token).request_id, with_state=False)
             if request is None:
-                raise Refusal("unmatched", "the token names no request of ours")
+                raise Refusal(RefusalKind.UNMATCHED, "the token names no request of ours")
             return token, request
         inbound = self.config.inbound
         if not inbound.thread_fallback and inbound.authentication.require == "none":
             raise Refusal(
-                "unmatched",
+                RefusalKind.UNMATCHED,
                 "no token in the recipient; matching by In-Reply-To/References needs "
                 "[inbound.authentication].require or [inbound].thread_fallback",
             )
         request = self.store.find_by_notification(_thread_ids(parsed))
         if request is None or request.token is None:
             raise Refusal(
-                "unmatched", "no token in the recipient, no notification of ours in the thread"
+                RefusalKind.UNMATCHED,
+                "no token in the recipient, no notification of ours in the thread",
             )
         return request.token, request
 
@@ -297,80 +292,58 @@ class Answering:
             row.raw, parsed.from_address or "", self.config.inbound.authentication, self.dnsfunc
         )
         if not verdict.passed:
-            raise Refusal("unauthenticated", verdict.reason)
+            raise Refusal(RefusalKind.UNAUTHENTICATED, verdict.reason)
 
     def _admissible(
         self, row: InboundMessage, parsed: ParsedReply, token: str, request: FeedbackRequest
     ) -> str:
         """The address that may answer `request`, once the reply passed every check but the outcome."""
         if parsed.machine_reason is not None:
-            raise Refusal("machine_mail", parsed.machine_reason)
+            raise Refusal(RefusalKind.MACHINE_MAIL, parsed.machine_reason)
         if parsed.from_address is None:  # no one mailbox in From: nobody to tell, nobody told
-            raise Refusal("wrong_sender", parsed.from_error or "no From address")
+            raise Refusal(RefusalKind.WRONG_SENDER, parsed.from_error or "no From address")
         issued_to = self._issued_to(token, request)
         if parsed.from_address != issued_to:
-            self._tell(
-                request,
-                issued_to,
-                "wrong_sender",
-                from_address=parsed.from_address,
-            )()
-            raise Refusal("wrong_sender", f"From {parsed.from_address} is not {issued_to}")
+            ignored = Tell(issued_to, "wrong_sender", {"from_address": parsed.from_address})
+            why = f"From {parsed.from_address} is not {issued_to}"
+            raise Refusal(RefusalKind.WRONG_SENDER, why, ignored)
         self._authenticated(row, parsed)  # never told: the sender may not be who From says
         try:
             tokens.verify(token, issued_to, self.config.secret_keys, self.config.tokens.max_age)
         except tokens.ExpiredToken as exc:
-            self._fresh_link(request, issued_to, token)
-            raise Refusal("expired", f"token issued {exc.parts.issued_at.isoformat()}") from None
+            issued = f"token issued {exc.parts.issued_at.isoformat()}"
+            raise Refusal(
+                RefusalKind.EXPIRED, issued, Tell(issued_to, "expired", renew=token)
+            ) from None
         if request.status == RequestStatus.CANCELLED:
-            self._tell(request, issued_to, "cancelled")()
-            raise Refusal("cancelled", "the request was cancelled")
+            cancelled = Tell(issued_to, "cancelled")
+            raise Refusal(RefusalKind.CANCELLED, "the request was cancelled", cancelled)
         if request.status != RequestStatus.PENDING:
-            self._already_answered(request, issued_to)()
-            raise Refusal("already_answered", request.status)
+            told = _already_answered(request, issued_to)
+            raise Refusal(RefusalKind.ALREADY_ANSWERED, request.status, told)
         if _revoked(token, request):
-            self._fresh_link(request, issued_to, token)
-            raise Refusal("expired", "revoked: a fresh link replaced this token")
+            replaced = Tell(issued_to, "expired", renew=token)
+            raise Refusal(
+                RefusalKind.EXPIRED, "revoked: a fresh link replaced this token", replaced
+            )
         return issued_to
 
-    def _fresh_link(self, request: FeedbackRequest, to: str, token: str) -> None:
-        """Answer a reply through an expired or revoked link: with a link that works, if any can.
+    def _fresh_link(
+        self, request: FeedbackRequest, to: str, token: str
+    ) -> tuple[str, Transition | None]:
+        """The link offered for a reply through an expired or revoked one, and its change if new.
 
         A pending request's assignee gets its current link if that one still
-        works, else a fresh token (the old ones revoked, `transitions.token_renewed`).
-        A request no longer pending gets no link: there is nothing left to answer.
-        Either way at most one such mail per request and address a day, so a
-        flood of replies to an old link mints no flood of tokens.
+        works, else a fresh token (the old ones revoked, `transitions.token_renewed`),
+        recorded only with the mail that carries it: the error-mail limits
+        hold, so a flood of replies to an old link mints no flood of tokens.
         """
-        if request.status != RequestStatus.PENDING:
-            self._tell(request, to, "expired")()
-            return
         current, keys = request.token or "", self.config.secret_keys
         if current != token and _works(current, to, keys, self.config.tokens.max_age):
-            fresh_reply_to = addressing(self.config).address(current)
-            self._tell(request, to, "expired", fresh_reply_to=fresh_reply_to)()
-            return
-        if self._told_lately(request, to, "error:expired"):
-            self._suppressed(request, to, "expired")
-            return
+            return addressing(self.config).address(current), None
         fresh = tokens.mint(request.id, to, keys)
-        message = compose.error_mail(
-            "expired",
-            content_of(request, self.config),
-            sender=sender(self.config),
-            to=to,
-            thread_id=request.notification_id or "",
-            reply_to=None,
-            fresh_reply_to=addressing(self.config).address(fresh),
-        )
-        mail = queue_row(message, kind="error:expired", request_id=request.id, recipient=to)
-        renewed = transitions.token_renewed(
-            request.id, before=current, after=fresh, to=to, mail=mail
-        )
-        if not transitions.record(self.store, [renewed])[0]:
-            log.info(
-                "request %s: its link was renewed meanwhile, or it is no longer pending", request.id
-            )
+        renewed = transitions.token_renewed(request.id, before=current, after=fresh, to=to)
+        return addressing(self.config).address(fresh), renewed
 
     @staticmethod
     def _needs_llm(checked: _Checked) -> bool:
@@ -393,7 +366,7 @@ class Answering:
             self.metrics.llm_call("ok" if decision.method == "llm" else "error")
         if decision.method == "undecided":
             refusal = Refusal(
-                "undecided",
+                RefusalKind.UNDECIDED,
                 {
                     "reason": decision.detail,
                     "text": parsed.text[:TEXT_KEPT],
@@ -401,29 +374,22 @@ class Answering:
                 },
             )
             # Why (the LLM's answer, the provider's error) is for the audit trail only.
-            tell = self._tell(request, issued_to, "undecided", your_reply=parsed.first_line)
-            return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
+            told = Tell(issued_to, "undecided", {"your_reply": parsed.first_line})
+            refusal = replace(refusal, tell=told)
+            return await asyncio.to_thread(self._refuse, row, parsed, request, refusal)
         if not await self._recording(_Answer(row, parsed, request, issued_to, decision)):
-
-            def tell() -> None:
-                self._already_answered(self.store.get(request.id), issued_to)()
-
-            refusal = Refusal("already_answered", "another answer won the race")
-            return await asyncio.to_thread(self._refused_after, tell, row, parsed, request, refusal)
+            return await asyncio.to_thread(self._lost_race, row, parsed, request, issued_to)
         self.metrics.answered((utcnow() - request.created_at).total_seconds())
         return "answered"
 
-    def _refused_after(
-        self,
-        tell: Callable[[], None],
-        row: InboundMessage,
-        parsed: ParsedReply,
-        request: FeedbackRequest,
-        refusal: Refusal,
+    def _lost_race(
+        self, row: InboundMessage, parsed: ParsedReply, request: FeedbackRequest, issued_to: str
     ) -> str:
-        tell()
-        self._refuse(row, parsed, request, refusal)
-        return refusal.result
+        """Another answer was recorded first: refuse this one, telling what the answer was."""
+        latest = self.store.get(request.id)
+        told = _already_answered(latest, issued_to)
+        why = "another answer won the race"
+        return self._refuse(row, parsed, request, Refusal(RefusalKind.ALREADY_ANSWERED, why, told))
 
     def _refuse(
         self,
@@ -431,19 +397,62 @@ class Answering:
         parsed: ParsedReply,
         request: FeedbackRequest | None,
         refusal: Refusal,
-    ) -> None:
-        """Mark the stored reply done with the refusal's result, and put the reason in the trail."""
+    ) -> str:
+        """Record the refusal: its reason in the trail, its error mail if any, the reply done.
+
+        One transaction (`transitions.refused`); returns the refusal's result.
+        """
         assert row.id is not None
-        request_id = request.id if request else None
         detail = {
             "from": parsed.from_address,
             "message_id": parsed.message_id,
-            "why": refusal.detail,
+            "why": refusal.reason,
         }
-        event = audit_event(
-            request_id, f"reply_{refusal.result}", parsed.from_address or "unknown", "email", detail
+        transitions.refused(
+            self.store,
+            refusal,
+            request_id=request.id if request else None,
+            actor=parsed.from_address or "unknown",
+            source=AnswerSource.EMAIL,
+            detail=detail,
+            inbound=row.id,
+            mail=self._error_mail(request, refusal.tell),
+            events=transitions.events_of(self.config),
         )
-        self.store.finish_inbound(row.id, refusal.result, request_id, [event])
+        return str(refusal.kind)
+
+    def _error_mail(self, request: FeedbackRequest | None, tell: Tell | None) -> ErrorMail | None:
+        """The error mail a refusal asks for, with its limits: per request, one per address and kind a day.
+
+        Rejection mail is how servers get blocklisted, so it is rate-limited,
+        per request so that one error never hides feedback on another: one
+        mail per address and kind, ERROR_MAILS_PER_REQUEST in all, a day. It
+        only ever goes to the address the token was issued to. A reply through
+        a dead link is offered one that works while the request is pending.
+        """
+        if request is None or tell is None:
+            return None
+        extra, change = dict(tell.extra), None
+        reply_to = reply_to_of(self.config, request)
+        if tell.renew is not None and request.status == RequestStatus.PENDING:
+            extra["fresh_reply_to"], change = self._fresh_link(request, tell.to, tell.renew)
+            reply_to = None if change is not None else reply_to
+        message = compose.error_mail(
+            tell.kind,
+            content_of(request, self.config),
+            sender=sender(self.config),
+            to=tell.to,
+            thread_id=request.notification_id or "",
+            reply_to=reply_to,
+            **extra,
+        )
+        kind = f"error:{tell.kind}"
+        row = queue_row(message, kind=kind, request_id=request.id, recipient=tell.to)
+        limits = (
+            MailLimit(ERROR_MAIL_WINDOW, to=tell.to, kind=kind, request_id=request.id),
+            MailLimit(ERROR_MAIL_WINDOW, request_id=request.id, at_most=ERROR_MAILS_PER_REQUEST),
+        )
+        return ErrorMail(row, limits, change)
 
     def _issued_to(self, token: str, request: FeedbackRequest) -> str:
         """The address the token was issued to: the request's assignee, if the token is signed for it."""
@@ -452,7 +461,7 @@ class Answering:
             tokens.verify(token, assignee, self.config.secret_keys, max_age=None)
         except tokens.BadToken:
             raise Refusal(
-                "bad_token", "not signed for the current assignee (reassigned or forged)"
+                RefusalKind.BAD_TOKEN, "not signed for the current assignee (reassigned or forged)"
             ) from None
         return assignee
 
@@ -497,61 +506,11 @@ class Answering:
         )
         return transitions.answered(request.id, recorded, mail=mail, inbound=row.id, events=events)
 
-    def _already_answered(self, request: FeedbackRequest, to: str) -> Callable[[], None]:
-        return self._tell(
-            request,
-            to,
-            "already_answered",
-            answered_outcome=request.outcome,
-            answered_feedback=request.feedback,
-        )
 
-    def _tell(
-        self, request: FeedbackRequest, to: str, kind: compose.ErrorKind, **extra: Any
-    ) -> Callable[[], None]:
-        """A thunk that queues one error email: per request, one per address and kind a day.
-
-        Rejection mail is how servers get blocklisted, so it is rate-limited,
-        per request so that one error never hides feedback on another: one
-        mail per address and kind, ERROR_MAILS_PER_REQUEST in all, a day. It
-        only ever goes to the address the token was issued to.
-        """
-
-        def queue() -> None:
-            mail_kind = f"error:{kind}"
-            if self._told_lately(request, to, mail_kind):
-                self._suppressed(request, to, kind)
-                return
-            message = compose.error_mail(
-                kind,
-                content_of(request, self.config),
-                sender=sender(self.config),
-                to=to,
-                thread_id=request.notification_id or "",
-                reply_to=reply_to_of(self.config, request),
-                **extra,
-            )
-            self.store.add(
-                queue_row(message, kind=mail_kind, request_id=request.id, recipient=to),
-                audit_event(
-                    request.id, "error_mail_queued", "hitl-mail", detail={"kind": kind, "to": to}
-                ),
-            )
-
-        return queue
-
-    def _told_lately(self, request: FeedbackRequest, to: str, mail_kind: str) -> bool:
-        """Whether the error mail limits of `_tell` hold back one more mail of `mail_kind`."""
-        since = utcnow() - ERROR_MAIL_WINDOW
-        return (
-            self.store.recent_mail_exists(to, mail_kind, request.id, since)
-            or self.store.error_mails_since(request.id, since) >= ERROR_MAILS_PER_REQUEST
-        )
-
-    def _suppressed(self, request: FeedbackRequest, to: str, kind: str) -> None:
-        self.store.audit(
-            request.id, "error_mail_suppressed", "hitl-mail", detail={"kind": kind, "to": to}
-        )
+def _already_answered(request: FeedbackRequest, to: str) -> Tell:
+    """Tell `to` the request was already answered, and how."""
+    extra = {"answered_outcome": request.outcome, "answered_feedback": request.feedback}
+    return Tell(to, "already_answered", extra)
 
 
 def _revoked(token: str, request: FeedbackRequest) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, func
@@ -45,6 +45,9 @@ from hitl_mail.store import (
     finish_replies,
     insert_rows,
 )
+
+if TYPE_CHECKING:
+    from hitl_mail.compose import ErrorKind
 
 ACTOR = "hitl-mail"
 OPEN = (RequestStatus.PENDING,)
@@ -219,9 +222,10 @@ def token_renewed(
     before: str,
     after: str,
     to: str,
-    mail: OutboxMessage,
 ) -> Transition:
-    """Give a pending request a fresh token `after` in place of its expired `before`, mailed to `to`.
+    """Give a pending request a fresh token `after` in place of its expired `before`, for `to`.
+
+    The mail that carries it goes with it (`ErrorMail.change`, recorded by `refused`).
 
     A token issued before the request's current one is refused (answering.py),
     so `before` and every older token are revoked with it. Moves only while
@@ -232,11 +236,8 @@ def token_renewed(
     audit = audit_event(
         request_id, Audit.TOKEN_RENEWED, ACTOR, detail={"to": to, "issued_at": _iso(issued)}
     )
-    queued = audit_event(
-        request_id, Audit.ERROR_MAIL_QUEUED, ACTOR, detail={"kind": "expired", "to": to}
-    )
     values = {"token": after}
-    return _change(request_id, OPEN, values, [mail, audit, queued], expect=(("token", before),))
+    return _change(request_id, OPEN, values, [audit], expect=(("token", before),))
 
 
 def cancelled(
@@ -400,8 +401,9 @@ class Tell:
     """Whom a refusal tells, with which error mail (a `compose.ErrorKind`) and its details."""
 
     to: str
-    kind: str
+    kind: ErrorKind
     extra: Mapping[str, Any] = field(default_factory=dict)
+    renew: str | None = None  # the dead token replied to: offer a link that works instead
 
 
 @dataclass(frozen=True)
@@ -434,6 +436,7 @@ class ErrorMail:
 
     row: OutboxMessage
     limits: Sequence[MailLimit] = ()
+    change: Transition | None = None  # made with the mail only (a fresh link's token)
 
 
 def refused(
@@ -457,6 +460,8 @@ def refused(
     rows: list[Any] = [audit_event(request_id, event, actor, source, dict(detail))]
     with store.session() as session:
         queued = mail is not None and not any(_sent_lately(session, m) for m in mail.limits)
+        if queued and mail is not None and mail.change is not None:
+            queued = apply(session, [mail.change])[0]  # a fresh link renewed meanwhile: no mail
         if mail is not None:
             rows.extend(_error_mail(request_id, mail, queued))
         if events is not None and request_id is not None:
