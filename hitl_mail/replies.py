@@ -122,6 +122,8 @@ _MIME_FIELD = re.compile(
 _MAINTYPES = {
     "multipart", "message", "text", "application", "image", "audio", "video", "font", "model",
 }  # fmt: skip
+# A multipart delimiter line, its boundary as RFC 2046 allows it (the space aside).
+_DELIMITER_LINE = re.compile(r"^--([0-9A-Za-z'()+_,./:=?-]{1,70})[ \t]*\r?$", re.MULTILINE)
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 _TAG_START = re.compile(r"<(?:/?[a-zA-Z]|!|\?)")
 _TAG_NAME = re.compile(r"/?([a-zA-Z][a-zA-Z0-9:-]*)")
@@ -164,6 +166,13 @@ _ATTRIBUTIONS = (
     ("den ", "skrev"), ("w dniu ", "pisze"),
 )  # fmt: skip
 _ATTRIBUTION_VERBS = tuple(dict.fromkeys(verb for _, verb in _ATTRIBUTIONS))
+# An attribution's opening word, capitalised, after other text on its line; tried so often.
+_INNER_TRIES = 3
+_INNER_OPENING = re.compile(
+    r"(?<=[\W\d_])("
+    + "|".join(dict.fromkeys(re.escape(start.capitalize()) for start, _ in _ATTRIBUTIONS))
+    + ")"
+)
 _HISTORY_MARKERS = {
     "original message", "ursprüngliche nachricht", "message d'origine", "mensaje original",
     "messaggio originale", "oorspronkelijk bericht", "mensagem original", "forwarded message",
@@ -497,11 +506,12 @@ def _body_from_message(message: Message, truncated: bool) -> str:
     """The first inline text/plain part with content, else the first text/html part as text."""
     html: str | None = None
     for part in _inline_text_parts(message):
-        if part.get_content_subtype() == "plain":
+        kind = _text_kind(part)
+        if kind == "plain":
             text = _decode_part(part, truncated)
             if text.strip():
                 return text
-        elif part.get_content_subtype() == "html" and html is None:
+        elif kind == "html" and html is None:
             html = _decode_part(part, truncated)
     return html_to_text(html) if html else ""
 
@@ -509,6 +519,7 @@ def _body_from_message(message: Message, truncated: bool) -> str:
 def _inline_text_parts(message: Message) -> Iterator[Message]:
     """Text parts in document order, not looking into attachments or attached messages."""
     stack: list[tuple[Message, int]] = [(message, 0)]
+    resplit = False
     for _ in range(_MAX_PARTS):
         if not stack:
             return
@@ -520,11 +531,48 @@ def _inline_text_parts(message: Message) -> Iterator[Message]:
         if maintype == "multipart" and isinstance(payload, list) and depth < _MAX_MIME_DEPTH:
             children = [child for child in payload if isinstance(child, Message)]
             stack.extend((child, depth + 1) for child in reversed(children))
-        elif maintype == "text" or (
-            # A garbled type ("te\xffxt/plain") with a text subtype is read as text.
-            maintype not in _MAINTYPES and part.get_content_subtype() in ("plain", "html")
-        ):
+        elif maintype == "multipart" and isinstance(payload, str) and not resplit:
+            resplit = True  # once a message: the stdlib could not split it (boundary missing)
+            stack.extend((child, depth + 1) for child in _resplit(part, payload))
+        elif _text_kind(part) is not None:
             yield part
+
+
+def _text_kind(part: Message) -> str | None:
+    """The text subtype of a part ("plain", "html", ...), however its client wrote the type.
+
+    Besides "text/plain": the halves swapped ("plain/text", "html/text"), the
+    parameters without their ";" ("text/plain charset=utf-8"), a garbled main
+    type with a text subtype ("te\xffxt/plain"). None for a part that is not text.
+    """
+    maintype, subtype = part.get_content_maintype(), part.get_content_subtype()
+    first = re.split(r"[\s;,]", subtype, maxsplit=1)[0]
+    if maintype == "text":
+        return first
+    if subtype == "text" and maintype in ("plain", "html"):
+        return maintype
+    if maintype not in _MAINTYPES and first in ("plain", "html"):
+        return first
+    return None
+
+
+def _resplit(part: Message, payload: str) -> list[Message]:
+    """The parts of a multipart the stdlib left whole: its boundary missing, or not the one used.
+
+    Split again on the first delimiter line in it; with none, all of it is one
+    text part. The text is part of a body already found safe to split.
+    """
+    found = _DELIMITER_LINE.search(payload)
+    if found is not None:
+        head = f'Content-Type: multipart/mixed; boundary="{found[1]}"\n'
+    else:
+        encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
+        head = "Content-Type: text/plain\n"
+        if encoding in ("base64", "quoted-printable", "7bit", "8bit"):
+            head += f"Content-Transfer-Encoding: {encoding}\n"
+    raw = (head + "\n").encode("ascii") + payload.encode("ascii", "surrogateescape")
+    whole = _parse_with_stdlib(raw, headers_only=False)
+    return [] if whole is None else [whole]
 
 
 def _decode_part(part: Message, truncated: bool) -> str:
@@ -633,8 +681,14 @@ def _new_lines(lines: list[str]) -> Iterator[str]:
             index += 1
             continue
         if _ends_new_text(lines, index):
-            return
-        span = _attribution_span(lines, index)
+            block = _history_block(lines, index)
+            if not block or not _quote_follows(lines, index + block):
+                return
+            index += block  # an embedded quoted email: a reply may follow below it
+            continue
+        span, before = _attribution(lines, index)
+        if before:
+            yield before  # "Approved On 3 Nov 2026, X wrote:": the reply shares the line
         if span and not _quote_follows(lines, index + span):
             return  # the history below is not marked with ">": all of it is history
         if not span:
@@ -672,6 +726,25 @@ def _ends_new_text(lines: list[str], index: int) -> bool:
     )
 
 
+def _history_block(lines: list[str], index: int) -> int:
+    """How many lines the history marker or header block at ``index`` spans; 0 for a signature.
+
+    A marker ("-----Original Message-----") and the header lines after it,
+    up to the first blank line: if quoted lines follow, they are the quoted
+    email, and what comes below them may be a bottom-posted reply.
+    """
+    if _is_signature(lines[index].strip().lower()):
+        return 0
+    end = index + 1
+    while end < min(len(lines), index + 12) and lines[end].strip():
+        if _header_key(lines[end]) not in _FROM_KEYS | _HEADER_KEYS and not _is_quoted(lines[end]):
+            return 0
+        if _is_quoted(lines[end]):
+            break
+        end += 1
+    return end - index
+
+
 def _is_signature(lowered: str) -> bool:
     # RFC 3676 §4.3: "-- " alone on a line opens the signature; many clients drop the space.
     if lowered == "--":
@@ -701,19 +774,48 @@ def _header_follows(lines: list[str], start: int) -> bool:
     return bool(following) and _is_header_block(lines, following[0])
 
 
-def _attribution_span(lines: list[str], index: int) -> int:
+def _attribution(lines: list[str], index: int) -> tuple[int, str]:
+    """The lines an "On … wrote:" header at ``index`` spans (or 0), and any reply before it.
+
+    Some clients put the reply on the header's own line: "Approved On Wed, Apr 4,
+    2012 at 3:59 PM, X wrote:" (or "Approved--- On …"). The header then starts at
+    a capitalised opening word ("On", "Le", "Am", …) inside the line, and the
+    text before it is the reply. A line that itself opens a header is read whole.
+    """
+    first = lines[index].strip()
+    if len(first) > _MAX_MARKER_CHARS:
+        return 0, ""
+    lowered = first.lower()
+    if not any(lowered.startswith(start) for start, _ in _ATTRIBUTIONS):
+        for cut in _inner_openings(first):
+            span = _attribution_span(lines, index, first[cut:])
+            if span:
+                return span, first[:cut].rstrip(" -")
+    return _attribution_span(lines, index, first), ""
+
+
+def _inner_openings(line: str) -> Iterator[int]:
+    """Where an attribution's capitalised opening word starts inside ``line``, leftmost first.
+
+    At most `_INNER_TRIES` of them: each is read as a header over up to three lines.
+    """
+    for found, _ in zip(_INNER_OPENING.finditer(line), range(_INNER_TRIES), strict=False):
+        yield found.start(1)
+
+
+def _attribution_span(lines: list[str], index: int, first: str) -> int:
     """How many lines the "On … wrote:" header at ``index`` spans (Gmail wraps it), or 0.
 
+    ``first`` is the header's first line (from where it starts on line ``index``).
     A dated header ("On 3 Nov 2026, X wrote:") marks history even with no ">" below
     it; a bare one-line "X wrote:" only when quoted lines follow.
     """
-    first = lines[index].strip()
     if first.endswith(":") and len(first) <= _MAX_MARKER_CHARS:
         tail = first[-40:].lower()
         if any(verb in tail for verb in _ATTRIBUTION_VERBS) and _quote_follows(lines, index + 1):
             return 1
     pieces: list[str] = []
-    for line in lines[index : index + 3]:
+    for line in [first, *lines[index + 1 : index + 3]]:
         stripped = line.strip()
         if not stripped or len(stripped) > _MAX_MARKER_CHARS:
             return 0

@@ -137,6 +137,61 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     ),
     "multipart-related-html-with-inline-image": ("Approved", "Approved"),
     "yahoo-html-yahoo-quoted": ("Approved", "Approved"),
+    # phone clients
+    "iphone-ios-mail-html-blockquote-cite": ("Approved, thanks!", "Approved, thanks!"),
+    "iphone-german-am-um-schrieb": ("Ja, passt. Genehmigt.", "Ja, passt. Genehmigt."),
+    "gmail-android-html-gmail-quote": ("Approved", "Approved"),
+    "gmail-ios-app-wrapped-attribution": (
+        "Needs revision: split travel from hardware please",
+        "Needs revision: split travel from hardware please",
+    ),
+    "outlook-ios-get-outlook-for-ios-html": (
+        "Rejected - not this quarter.",
+        "Rejected - not this quarter.",
+    ),
+    "outlook-android-html-only-base64": ("Approved 👍", "Approved 👍"),
+    "samsung-email-original-message": ("Approved", "Approved"),
+    "samsung-german-urspruengliche-nachricht": (
+        "Abgelehnt, bitte Reisekosten getrennt ausweisen.",
+        "Abgelehnt, bitte Reisekosten getrennt ausweisen.",
+    ),
+    # Outlook on the web in other languages
+    "outlook-web-german-von-gesendet-html": ("Genehmigt, danke!", "Genehmigt, danke!"),
+    "outlook-web-french-de-envoye-html": (
+        "Refusé : le budget déplacements est trop élevé.",
+        "Refusé : le budget déplacements est trop élevé.",
+    ),
+    "outlook-web-spanish-de-enviado-html": ("Aprobado, gracias.", "Aprobado, gracias."),
+    "outlook-web-dutch-van-verzonden-html": (
+        "Graag meer detail over de kosten.",
+        "Graag meer detail over de kosten.",
+    ),
+    "outlook-web-portuguese-de-enviado-html": ("Aprovado", "Aprovado"),
+    # the reply on the quote header's own line
+    "same-line-reply-on-wrote": ("Approved", "Approved"),
+    "same-line-reply-dashes-on-wrote": (
+        "Rejected, wrong cost centre",
+        "Rejected, wrong cost centre",
+    ),
+    "same-line-reply-le-a-ecrit": ("Approuvé", "Approuvé"),
+    # bottom-posted under an embedded quoted email
+    "bottom-posted-under-original-message": ("approved", "approved\n\nTom"),
+    "bottom-posted-under-forwarded-message": (
+        "Needs revision - the hardware line is twice Q3.",
+        "Needs revision - the hardware line is twice Q3.\n\nJane",
+    ),
+    "alpine-bottom-posted-nested-quotes": (
+        "Rejected: the offsite is not in this budget.",
+        "Rejected: the offsite is not in this budget.",
+    ),
+    # malformed MIME: the text part declared some other way
+    "broken-mime-multipart-without-boundary": (
+        "Approved, café budget included.",
+        "Approved, café budget included.",
+    ),
+    "broken-mime-boundary-mismatch": ("Approved", "Approved"),
+    "broken-mime-plain-slash-text": ("Rejected", "Rejected"),
+    "broken-mime-type-without-semicolon": ("Genehmigt – danke.", "Genehmigt – danke."),
 }
 
 # file stem -> (envelope MAIL FROM, expected machine_reason)
@@ -170,10 +225,10 @@ def elapsed(work: Callable[[], object]) -> float:
 # --- the corpus ---------------------------------------------------------------------------
 
 
-def test_the_corpus_holds_at_least_45_replies_and_each_has_an_expectation() -> None:
+def test_the_corpus_holds_at_least_75_replies_and_each_has_an_expectation() -> None:
     names = {path.stem for path in CORPUS.glob("*.eml")}
     assert names == set(EXPECTED)
-    assert len(names) >= 45
+    assert len(names) >= 75
     assert {path.stem for path in (CORPUS / "machine").glob("*.eml")} == set(MACHINE)
 
 
@@ -539,6 +594,98 @@ def test_a_from_line_in_the_answer_is_not_an_outlook_header_block() -> None:
     body = "From: the finance side, approved.\nTo be booked next week.\n"
 
     assert extract_new_text(body) == body.strip()
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        pytest.param(
+            "reply On Wed, Apr 4, 2012 at 3:59 PM, bob@example.com wrote:\n> Hi",
+            "reply",
+            id="on-wrote",
+        ),
+        pytest.param(
+            "reply--- On Wed, Apr 4, 2012 at 3:59 PM, me@domain.com wrote:\n> Hi",
+            "reply",
+            id="dashes",
+        ),
+        pytest.param(
+            "reply\nbla-bla - bla--- On Wed, Apr 4, 2012 at 3:59 PM, me@domain.com wrote:\n> Hi",
+            "reply\nbla-bla - bla",
+            id="second-line",
+        ),
+        pytest.param(
+            "Approved Am 23.11.2026 um 10:02 schrieb Reviews <r@example.com>:\n\nBitte prüfen",
+            "Approved",
+            id="german-unquoted-history",
+        ),
+        pytest.param(
+            "Approved On Mon, 23 Nov 2026 at 10:02, Reviews\n<r@example.com> wrote:\n\nApprove?",
+            "Approved",
+            id="wrapped",
+        ),
+    ],
+)
+def test_a_reply_on_the_quote_headers_own_line_is_the_text_before_the_header(
+    body: str, text: str
+) -> None:
+    assert extract_new_text(body) == text
+
+
+def test_a_header_line_with_an_opening_word_inside_it_is_still_one_header() -> None:
+    body = "Approved\n\nOn 4 Apr 2012, Jon On <jon@example.com> wrote:\n> Hi\n"
+
+    assert extract_new_text(body) == "Approved"
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "-----Original Message-----",
+        "---------- Forwarded message ---------\nFrom: Reviews <r@example.com>\nDate: Mon\n"
+        "Subject: Approve?\nTo: <jane@example.org>\n",
+        "From: Reviews <r@example.com>\nSent: Monday\nTo: Jane\nSubject: Approve?\n",
+    ],
+    ids=["original-message", "forwarded", "header-block"],
+)
+def test_a_reply_below_an_embedded_quoted_email_is_read(marker: str) -> None:
+    body = f"{marker}\n> Approve the budget?\n> Reply with one word\n\nApproved\n"
+
+    assert extract_new_text(body) == "Approved"
+
+
+def test_an_embedded_email_not_marked_with_quotes_is_all_history() -> None:
+    body = "Approved\n\n-----Original Message-----\nFrom: R\nSent: Mon\nTo: J\n\nApprove?\n"
+
+    assert extract_new_text(body) == "Approved"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        pytest.param("plain/text; charset=utf-8", "Approved\n", id="halves-swapped"),
+        pytest.param(
+            "multipart/alternative",
+            "--b1\nContent-Type: text/plain\n\nApproved\n--b1--\n",
+            id="no-boundary",
+        ),
+        pytest.param(
+            'multipart/alternative; boundary="b2"',
+            "--b1\nContent-Type: text/plain\n\nApproved\n--b1--\n",
+            id="boundary-not-used",
+        ),
+        pytest.param('multipart/mixed; boundary="b1"', "Approved\n", id="no-delimiter"),
+        pytest.param(
+            'multipart/mixed; boundary="b1"',
+            "--b1\nContent-Type: text/plain charset=utf-8\n\nApproved\n--b1--\n",
+            id="no-semicolon",
+        ),
+    ],
+)
+def test_a_text_part_declared_the_wrong_way_is_still_read(content_type: str, body: str) -> None:
+    raw = message(f"Content-Type: {content_type}", body=body)
+
+    assert parse_reply(raw, envelope_from=PERSON).first_line == "Approved"
 
 
 def test_quoted_lines_are_dropped_wherever_they_are() -> None:
