@@ -301,16 +301,6 @@ class Store:
         with self.reading() as session:
             return {status: count for status, count in session.exec(query)}
 
-    def audit(
-        self,
-        request_id: str | None,
-        event: str,
-        actor: str,
-        source: str | None = None,
-        detail: Any = None,
-    ) -> None:
-        self.add(audit_event(request_id, event, actor, source, detail))
-
     def trail(self, request_id: str) -> list[AuditEvent]:
         query = (
             select(AuditEvent)
@@ -477,33 +467,6 @@ class Store:
         )
         with self.reading() as session:
             return session.exec(query).one()
-
-    def recent_mail_exists(
-        self, recipient: str, kind: str, request_id: str | None, since: datetime
-    ) -> bool:
-        query = (
-            select(OutboxMessage.id)
-            .where(func.lower(OutboxMessage.recipient) == recipient.lower())
-            .where(OutboxMessage.kind == kind)
-            .where(col(OutboxMessage.created_at) >= since)
-            .limit(1)
-        )
-        if request_id is not None:
-            query = query.where(OutboxMessage.request_id == request_id)
-        with self.reading() as session:
-            return session.exec(query).first() is not None
-
-    def error_mails_since(self, request_id: str, since: datetime) -> int:
-        """How many error mails were queued about a request since `since`."""
-        query = (
-            select(func.count())
-            .select_from(OutboxMessage)
-            .where(OutboxMessage.request_id == request_id)
-            .where(col(OutboxMessage.kind).startswith("error:"))
-            .where(col(OutboxMessage.created_at) >= since)
-        )
-        with self.reading() as session:
-            return int(session.exec(query).one())
 
     def outbox_for(self, request_id: str) -> list[OutboxMessage]:
         query = (
