@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import Setup, reply_to, send_async_many
+from conftest import Setup, reply_to, send, send_async_many, wait_until
+
+from hitl_mail import tokens
 
 REPLIES = 200
 BATCH = 40
@@ -45,3 +47,24 @@ def test_a_200_reply_run_logs_one_line_per_resume_and_no_crewai_panel(setup: Set
     resumed = [m[1] for line in lines if (m := RESUMED.search(line))]
     assert sorted(resumed) == sorted(ids)  # exactly one line for each resume
     assert len([line for line in lines if "hitl_mail.resume" in line]) >= REPLIES
+
+
+@pytest.mark.slow
+def test_a_warning_logged_while_resuming_reaches_the_daemons_log_as_one_redacted_line(
+    setup: Setup,
+) -> None:
+    token = tokens.mint(tokens.new_request_id(), "owner@example.com", ["k" * 32])
+    setup.start_daemon()
+    info = setup.kickoff({"warn": f"cannot reach reply+{token}@reply.example.com"})
+    [notification] = setup.sink.wait_for("notification", info["callback_info"]["request_id"])
+
+    send(setup.smtp_port, reply_to(notification, "approved"))
+
+    setup.wait_event("approved")
+    line = wait_until(
+        lambda: next((ln for ln in setup.daemon_log().splitlines() if "cannot reach" in ln), None),
+        30,
+        what="the flow's warning in the daemon's log",
+    )
+    assert re.search(r"\d \bWARNING crewai\.flow\.review: cannot reach reply\+\w{6}…@", line)
+    assert token not in setup.daemon_log().lower()

@@ -7,6 +7,7 @@ a test can observe from outside the daemon which branch ran, in which process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -65,6 +66,8 @@ class ReviewFlow(Flow[dict[str, Any]]):
         if self.state.get("slow"):
             time.sleep(float(self.state["slow"]))
             record("slow_done")
+        if self.state.get("warn"):  # as a library would warn, through `logging`
+            logging.getLogger("crewai.flow.review").warning(self.state["warn"])
         return "published"
 
     @listen("rejected")
