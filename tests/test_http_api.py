@@ -347,6 +347,12 @@ async def test_the_operator_api_shows_requests_as_the_cli_does(daemon: HttpDaemo
 
     first = await asyncio.to_thread(daemon.new_request)
     second = await asyncio.to_thread(daemon.new_request, flow_class="review_flows.OtherFlow")
+    # Both notifications sent first, so the trail read below is the one the API reads.
+    for request in (first, second):
+        await until(
+            lambda r=request: any(e.event == "email_sent" for e in daemon.store.trail(r.id)),
+            "the notification sent",
+        )
     base = f"{daemon.config.http.public_url}/api/requests"
 
     listed = await daemon.client.get(base, headers=bearer(), params={"status": "pending"})
