@@ -128,6 +128,34 @@ def quiet_console(config: Config) -> None:
     os.close(devnull)
     logs.setup(config.logging)
     logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FirstOfEach("crewai"))
+
+
+class FirstOfEach(logging.Filter):
+    """Each distinct warning of `prefix`'s loggers once per process; errors always.
+
+    crewAI repeats some warnings for every flow it restores (a `Flow[dict]`
+    "declares state of unknown type", every resume): once is news, the
+    thousandth repeat buries the one line per resume.
+    """
+
+    LIMIT = 1000  # distinct warnings remembered; past that, repeats pass again
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        if len(self.seen) < self.LIMIT:
+            self.seen.add(key)
+        return True
 
 
 def add_import_paths(import_paths: Sequence[str]) -> None:

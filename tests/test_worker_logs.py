@@ -9,6 +9,7 @@ flows, real SMTP; the daemon's stdout and stderr are captured together.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 from conftest import Setup, reply_to, send, send_async_many, wait_until
@@ -16,6 +17,7 @@ from conftest import Setup, reply_to, send, send_async_many, wait_until
 from hitl_mail import tokens
 
 REPLIES = 200
+RESUME_WORKERS = 2  # conftest's daemon
 BATCH = 40
 # Rich's panel borders (rounded and square boxes) and crewAI's flow-event texts.
 PANEL = re.compile(r"[╭╮╰╯│─┌┐└┘]")
@@ -47,6 +49,11 @@ def test_a_200_reply_run_logs_one_line_per_resume_and_no_crewai_panel(setup: Set
     resumed = [m[1] for line in lines if (m := RESUMED.search(line))]
     assert sorted(resumed) == sorted(ids)  # exactly one line for each resume
     assert len([line for line in lines if "hitl_mail.resume" in line]) >= REPLIES
+    # crewAI warns again for every flow it restores; each worker says it once.
+    warned = Counter(
+        line.partition(" WARNING ")[2] for line in lines if re.search(r" WARNING crewai\b", line)
+    )
+    assert all(count <= RESUME_WORKERS for count in warned.values()), warned.most_common(3)
 
 
 @pytest.mark.slow
