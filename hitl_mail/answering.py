@@ -105,6 +105,18 @@ def llm_settings(config: Config) -> LLMSettings:
     )
 
 
+async def decide_feedback(
+    config: Config, metrics: Metrics, request: FeedbackRequest, feedback: str
+) -> Decision:
+    """`feedback` collapsed into one of `request`'s outcomes, its LLM call counted: email and HTTP alike."""
+    decision = await decide(
+        feedback, request.emit, request.default_outcome, request.llm, llm_settings(config)
+    )
+    if decision.llm_calls:
+        metrics.llm_call("ok" if decision.method == "llm" else "error")
+    return decision
+
+
 class Answering:
     """The answering stage: claims stored replies and processes a few at a time."""
 
@@ -355,15 +367,7 @@ class Answering:
     async def _decide_and_record(self, row: InboundMessage, checked: _Checked) -> str:
         parsed, request, issued_to = checked.parsed, checked.request, checked.issued_to
         assert request is not None
-        decision = await decide(
-            parsed.first_line,
-            request.emit,
-            request.default_outcome,
-            request.llm,
-            llm_settings(self.config),
-        )
-        if decision.llm_calls:
-            self.metrics.llm_call("ok" if decision.method == "llm" else "error")
+        decision = await decide_feedback(self.config, self.metrics, request, parsed.first_line)
         if decision.method == "undecided":
             refusal = Refusal(
                 RefusalKind.UNDECIDED,

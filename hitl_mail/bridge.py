@@ -42,7 +42,7 @@ from hitl_mail.models import FeedbackRequest
 from hitl_mail.routing import RoutingError
 from hitl_mail.store import Store
 from hitl_mail.tokens import ID_BYTES
-from hitl_mail.web import BodyTooLarge, is_json, read_body
+from hitl_mail.web import BodyTooLarge, body_errors, is_json, read_body
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Bridge:
                 raise ValueError("Content-Type is not application/json")
             hook = HostedWebhook.model_validate_json(body)
         except (ValueError, ValidationError) as exc:
-            return _reply(422, "not a new_request payload", errors=_errors(exc))
+            return _reply(422, "not a new_request payload", errors=body_errors(exc))
         return await asyncio.to_thread(self._store, hook)
 
     def _store(self, hook: HostedWebhook) -> JSONResponse:
@@ -204,12 +204,3 @@ def _context(hook: HostedWebhook) -> dict[str, Any]:
 
 def _stored(request: FeedbackRequest) -> dict[str, Any]:
     return {"id": request.id, "status": request.status, "assigned_to": request.assigned_to}
-
-
-def _errors(exc: Exception) -> list[dict[str, Any]] | str:
-    if isinstance(exc, ValidationError):
-        return [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-    return str(exc)

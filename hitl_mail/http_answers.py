@@ -27,14 +27,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hitl_mail import callbacks, compose, transitions
-from hitl_mail.answering import llm_settings
+from hitl_mail.answering import decide_feedback
 from hitl_mail.config import Config
 from hitl_mail.intake import content_of, sender
 from hitl_mail.metrics import Metrics
 from hitl_mail.models import AnswerSource, FeedbackRequest, RequestStatus, utcnow
 from hitl_mail.outbound import queue_row
-from hitl_mail.outcomes import Decision, decide
+from hitl_mail.outcomes import Decision
 from hitl_mail.store import Store
+from hitl_mail.web import body_errors
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +118,12 @@ class CallbackAnswering:
                 raise ValueError("Content-Type is not application/json")
             given = CallbackBody.model_validate(json.loads(body))
         except (ValueError, ValidationError) as exc:
-            return _error(422, BODY_SHAPE, errors=_errors(exc))
+            return _error(422, BODY_SHAPE, errors=body_errors(exc))
         return await self._decide_and_record(request, given)
 
     async def _decide_and_record(self, request: FeedbackRequest, given: CallbackBody) -> Reply:
         feedback = _first_line(given.feedback)
-        decision = await decide(
-            feedback,
-            request.emit,
-            request.default_outcome,
-            request.llm,
-            llm_settings(self.config),
-        )
-        if decision.llm_calls:
-            self.metrics.llm_call("ok" if decision.method == "llm" else "error")
+        decision = await decide_feedback(self.config, self.metrics, request, feedback)
         if decision.method == "undecided":
             return await asyncio.to_thread(self._undecided, request, given, decision)
         won = await asyncio.to_thread(self._record, request, given, feedback, decision)
@@ -242,12 +235,3 @@ def _closed(request: FeedbackRequest | None) -> Reply | None:
 def _first_line(text: str) -> str:
     """The first non-empty line, as the email path takes it from a reply."""
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _errors(exc: Exception) -> list[dict[str, Any]] | str:
-    if isinstance(exc, ValidationError):
-        return [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-    return str(exc)

@@ -26,6 +26,7 @@ from typing import Any
 
 import h11
 import uvicorn
+from pydantic import ValidationError
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -263,6 +264,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise BodyTooLarge()
     return bytes(data)
+
+
+def body_errors(exc: Exception) -> list[dict[str, Any]] | str:
+    """What was wrong with a request body, for a 422: pydantic's errors without the input."""
+    if isinstance(exc, ValidationError):
+        return [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+    return str(exc)
 
 
 def is_json(request: Request) -> bool:
