@@ -48,12 +48,11 @@ from bench.common import (
     Child,
     child_env,
     loadgen,
-    percentile,
     postgres_available,
     postgres_database,
     seed_requests,
 )
-from bench.reply_resume import Daemon, replies_job
+from bench.reply_resume import Daemon, accept_figures, replies_job
 from bench.report import write_standalone
 
 CLIENTS = 8
@@ -97,7 +96,7 @@ def bare_burst(work: Path, size: int, label: str) -> dict[str, Any]:
         )
     finally:
         bare.stop()
-    return figures(run)
+    return accept_figures(run)
 
 
 def serve_burst(work: Path, url: str, size: int, context: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +119,7 @@ def serve_burst(work: Path, url: str, size: int, context: dict[str, Any]) -> dic
         answered = answered_rows(daemon.engine, ids)
     finally:
         daemon.stop()
-    out = figures(run)
+    out = accept_figures(run)
     out.update(
         {
             "resumed": sum(1 for s in found.values() if s[0] == "resumed"),
@@ -146,16 +145,6 @@ def answered_rows(engine: sa.Engine, ids: list[str]) -> dict[str, int]:
             )
             counts.update({row[0]: int(row[1]) for row in rows})
     return counts
-
-
-def figures(run: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "sent": run["ok"],
-        "rate": run["ok"] / run["elapsed"],
-        "p50_ms": percentile(run["latency_ms"], 50),
-        "p99_ms": percentile(run["latency_ms"], 99),
-        "errors": run["errors"] + run["refused"],
-    }
 
 
 @contextlib.contextmanager

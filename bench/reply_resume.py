@@ -337,7 +337,7 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
 
         # 4. 250 latency on the idle daemon, then the steady load
         probe = loadgen(replies_job(port, idle_probe, ["approved"]), work, "probe-idle")
-        out["probe_idle"] = _accept_figures(probe)
+        out["probe_idle"] = accept_figures(probe)
         daemon.wait_resumed([s.request_id for s in idle_probe], 120)
         rate = ceiling["rate"] * 0.5
         steady_run = loadgen(
@@ -393,7 +393,7 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
             "errors": burst_run["errors"] + burst_run["refused"],
             "backlog_after_burst": backlog_after_burst,
             "backlog_after_probe": backlog_after_probe,
-            "probe_draining": _accept_figures(probe),
+            "probe_draining": accept_figures(probe),
             "resumed": sum(1 for s in found.values() if s[0] == "resumed"),
             "failed": sum(1 for s in found.values() if s[0] != "resumed"),
             "confirmations": sum(1 for i in ids if sink.get(f"confirmation {i}", 0) >= 1),
@@ -425,10 +425,11 @@ def edge_alone_burst(work: Path, count: int) -> dict[str, Any]:
         )
     finally:
         edge.stop()
-    return _accept_figures(run)
+    return accept_figures(run)
 
 
-def _accept_figures(result: dict[str, Any]) -> dict[str, Any]:
+def accept_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """A load generator's run as sent, rate, p50/p99 from end of DATA to the reply, errors."""
     return {
         "sent": result["ok"],
         "rate": result["ok"] / result["elapsed"],
