@@ -21,9 +21,8 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from conftest import SECRET, add_request, free_port, until, write_config
+from conftest import SECRET, add_request, free_port, self_signed, until, write_config
 from sqlmodel import select
-from test_tls import _self_signed
 
 from hitl_mail import tokens
 from hitl_mail.config import Config, ConfigError, InboundSettings, config_from_dict, load_config
@@ -192,7 +191,7 @@ async def test_one_client_gets_at_most_max_connections_per_ip_unless_it_is_a_tru
 async def test_a_connection_that_switched_to_tls_counts_once_and_frees_its_slot(
     config: Config, tmp_path: Path
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "reply.example.com")
     async with listening(limited(config, max_connections=1, tls_cert=cert, tls_key=key)) as edge:
         for _ in range(3):  # each one in turn gets the only slot
             client = await connect_when_free(edge.port)

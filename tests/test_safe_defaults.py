@@ -9,8 +9,6 @@ real aiosmtpd server with STARTTLS and AUTH on loopback.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import secrets
 import ssl
@@ -25,11 +23,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from conftest import QUIET_ENV, free_port, until
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import QUIET_ENV, free_port, self_signed, until
 
 from hitl_mail.config import ConfigError, OutboundSettings, config_from_dict
 from hitl_mail.outbound import PermanentFailure, SmtpSender, TemporaryFailure
@@ -221,34 +215,7 @@ class Certificate:
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     """A self-signed certificate for 127.0.0.1: the relay's, and (when a test says) trusted."""
     folder = tmp_path_factory.mktemp("relay-cert")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    found = Certificate(folder / "cert.pem", folder / "key.pem")
-    found.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    found.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return found
+    return Certificate(*self_signed(folder, "relay.test", ip="127.0.0.1"))
 
 
 @dataclass

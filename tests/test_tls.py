@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import MailSink, free_port, reply_to, request_context, write_config
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import (
+    MailSink,
+    free_port,
+    reply_to,
+    request_context,
+    self_signed,
+    write_config,
+)
 from llm_server import FakeLLMServer
 
 from hitl_mail import intake
@@ -27,37 +29,11 @@ CONTEXT = request_context(
 )  # never resumed here: these tests stop at the answer
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "reply.example.com")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("required", [False, True])
 async def test_a_reply_over_starttls_is_accepted_and_plain_text_is_refused_when_tls_is_required(
     tmp_path: Path, database_url: str, mail_sink: MailSink, llm: FakeLLMServer, required: bool
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "reply.example.com")
     extra = f'\n[inbound]\ntls_cert = "{cert}"\ntls_key = "{key}"\nrequire_starttls = {str(required).lower()}\n'
     path = write_config(
         tmp_path / "hitl-mail.toml",
