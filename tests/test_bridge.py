@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -213,17 +213,19 @@ async def test_an_unsigned_tampered_or_stale_webhook_is_401_and_stores_nothing(
 ) -> None:
     body = json.dumps(new_request(bridged.platform.url)).encode()
     tampered = body.replace(ASSIGNEE.encode(), b"mallory@attacker.example")
-    attempts = {
-        "unsigned": (body, {"Content-Type": "application/json"}),
-        "wrong secret": (body, signed(body, secret="not-the-platform-secret-0123456")),
-        "tampered body": (tampered, signed(body)),
-        "stale": (body, signed(body, at=time.time() - 301)),
-        "from the future": (body, signed(body, at=time.time() + 301)),
-        "garbled timestamp": (body, {**signed(body), "X-Timestamp": "1e9"}),
+    # Signed as each is sent: a timestamp 301 s ahead, made seconds before a slow
+    # machine sends it, would be back within the 300 s skew by then.
+    attempts: dict[str, tuple[bytes, Callable[[], dict[str, str]]]] = {
+        "unsigned": (body, lambda: {"Content-Type": "application/json"}),
+        "wrong secret": (body, lambda: signed(body, secret="not-the-platform-secret-0123456")),
+        "tampered body": (tampered, lambda: signed(body)),
+        "stale": (body, lambda: signed(body, at=time.time() - 301)),
+        "from the future": (body, lambda: signed(body, at=time.time() + 301)),
+        "garbled timestamp": (body, lambda: {**signed(body), "X-Timestamp": "1e9"}),
     }
 
     for how, (content, headers) in attempts.items():
-        answer = await bridged.client.post(bridged.endpoint, content=content, headers=headers)
+        answer = await bridged.client.post(bridged.endpoint, content=content, headers=headers())
         assert answer.status_code == 401, how
 
     assert bridged.requests() == []
