@@ -66,6 +66,13 @@ GUESSES = frozenset({"foreign_domain", "bad_token", "bare_address"})
 
 RefusalObserver = Callable[[str], None]  # reason
 
+# `<local@domain>` in its plainest form (RFC 5321 4.1.2: a dot-atom at a dot-atom domain),
+# then the parameters after spaces or tabs; see EdgeSMTP._getaddr.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![ \t(])(.*)",
+    re.DOTALL,
+)
 _MESSAGE_ID = re.compile(rb"\nmessage-id[ \t]*:")  # searched in the lowercased header block
 _FOLDED_VALUE = re.compile(rb"[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*")  # RFC 5322 2.2.3
 
@@ -252,6 +259,21 @@ class EdgeSMTP(SMTP):
                 return
             self._admitted = True
         super().connection_made(transport)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parse of a MAIL or RCPT path, with a fast road for the plain form.
+
+        aiosmtpd builds a class and runs the RFC 5322 header parser for every
+        path: 71 µs each, twice per reply, a tenth of the edge's CPU in a
+        burst. `<local@domain>` made only of dot-atoms, then parameters, reads
+        the same either way (tests/test_inbound.py compares the two on
+        generated paths); anything else (quotes, comments, literals, the null
+        path, 8-bit text) still goes to aiosmtpd.
+        """
+        plain = _PLAIN_PATH.fullmatch(arg.lstrip(" \t"))
+        if plain is None or (self.local_part_limit and plain[1].index("@") > self.local_part_limit):
+            return super()._getaddr(arg)
+        return plain[1], plain[2]
 
     def eof_received(self) -> bool | None:
         return False if self._refused else super().eof_received()
