@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import secrets
@@ -138,14 +139,22 @@ def _shorten(match: re.Match[str]) -> str:
 
 
 def _tag(key: str, body: bytes, address: str) -> bytes:
-    derived = Signer(
-        key, salt=_SALT, key_derivation="hmac", digest_method=hashlib.sha256
-    ).derive_key()
     message = body + b"\x00" + want_bytes(address.strip().lower())
-    return _ALGORITHM.get_signature(derived, message)[:TAG_BYTES]
+    return _ALGORITHM.get_signature(_derived_key(key), message)[:TAG_BYTES]
 
 
+@functools.lru_cache(maxsize=16)
+def _derived_key(key: str) -> bytes:
+    """The signing key derived from a secret key (the same for every token under it)."""
+    return bytes(
+        Signer(key, salt=_SALT, key_derivation="hmac", digest_method=hashlib.sha256).derive_key()
+    )
+
+
+@functools.lru_cache(maxsize=4096)
 def _decode(token: str) -> bytes:
+    """The token's bytes. Remembered for the tokens seen last: the SMTP edge reads each
+    token four times per reply (RCPT, DATA), and base64's base32 is pure Python."""
     text = token.strip().upper()
     if len(text) != TOKEN_LENGTH:
         raise BadToken("wrong length")
