@@ -116,3 +116,31 @@ async def test_one_message_the_database_refuses_does_not_refuse_the_others_store
     results = await asyncio.gather(*(edge.store(item) for item in items), return_exceptions=True)
     assert [isinstance(r, Exception) for r in results] == [n == 3 for n in range(8)]
     assert len(stored_rows(store)) == 7
+
+
+@pytest.mark.sqlite_only
+async def test_while_a_daemon_transaction_holds_sqlite_s_write_lock_the_loop_serves_on(
+    store: Store,
+) -> None:
+    """The write waits for the lock in its thread; reads (RCPTs) are answered meanwhile."""
+    import sqlite3
+
+    edge = edge_store(store)
+    assert isinstance(edge, SqliteEdge)
+    add_request(store, "r1", assigned_to="o@x")
+    daemon = sqlite3.connect(edge.path, isolation_level=None)
+    daemon.execute("BEGIN IMMEDIATE")  # as one of the daemon's transactions does
+    try:
+        stored = asyncio.create_task(edge.store(InboundItem("mid:<1@x>", "o@x", ["r@x"], b"m")))
+        for _ in range(20):  # the loop is free: reads go on while the write waits
+            assert await edge.reply_target("r1") is not None
+            await asyncio.sleep(0.005)
+        assert not stored.done()
+    finally:
+        daemon.execute("COMMIT")
+        daemon.close()
+    assert await asyncio.wait_for(stored, 10) is True
+    assert [r.dedupe_key for r in stored_rows(store)] == ["mid:<1@x>"]
+    # With the lock free again, the next write takes the loop's own road.
+    assert await edge.store(InboundItem("mid:<2@x>", "o@x", ["r@x"], b"m")) is True
+    await edge.close()
