@@ -162,6 +162,7 @@ class Answering:
         try:
             while not stopping.is_set():
                 self.wakeup.clear()
+                await self.arrivals.settle()  # woken by a reply: is it a burst's first?
                 waited = await let_flood_pass(self.arrivals, stopping, "answering")
                 busy = {request_id for request_id in self._held.values() if request_id}
                 rows = await asyncio.to_thread(self.store.claim_inbound, BATCH, LEASE, busy)

@@ -227,9 +227,9 @@ class App:
         self.failed = self.failed or "SMTP listener"
         self.stopping.set()
 
-    def _stored(self) -> None:
-        self.metrics.reply_accepted()
-        self.arrivals.note()
+    def _stored(self, count: int) -> None:
+        self.metrics.reply_accepted(count)
+        self.arrivals.note(count)
         self.answering.wakeup.set()
 
     def _observe_send(self, kind: str, result: str) -> None:

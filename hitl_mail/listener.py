@@ -9,7 +9,8 @@ The daemon binds the listening socket itself, so a port in use fails `serve`
 at once and port 0 works, and hands it to a child forked from a fork server
 that has already imported `hitl_mail.inbound` (milliseconds per start, not an
 interpreter's import time). The child runs `inbound.ReplyHandler` with a
-`Store` of its own and reports through a pipe: a byte per stored reply, which
+`Store` of its own and reports through a pipe: how many replies it stored,
+once per turn of its event loop (one message for a whole group commit), which
 wakes the answering stage, and each refusal's reason, for /metrics. It
 ignores SIGINT, SIGTERM and SIGHUP (a terminal or a service manager may send
 them to every process of the daemon): the daemon stops it over the pipe once
@@ -33,7 +34,7 @@ from hitl_mail.config import Config
 log = logging.getLogger(__name__)
 
 READY = b"ready"
-STORED = b"s"
+STORED = b"s:"  # + how many, in ASCII digits
 REFUSED = b"r:"  # + the reason
 STOP = b"stop"
 START_TIMEOUT = 60.0
@@ -51,7 +52,7 @@ class ListenerProcess:
     def __init__(
         self,
         config: Config,
-        on_stored: Callable[[], None],
+        on_stored: Callable[[int], None],
         on_refused: Callable[[str], None],
         on_exit: Callable[[int | None], None],
     ) -> None:
@@ -120,8 +121,8 @@ class ListenerProcess:
         try:
             while pipe.poll():
                 said = pipe.recv_bytes()
-                if said == STORED:
-                    self.on_stored()
+                if said.startswith(STORED):
+                    self.on_stored(int(said[len(STORED) :]))
                 elif said.startswith(REFUSED):
                     self.on_refused(said[len(REFUSED) :].decode())
         except (EOFError, OSError):
@@ -134,6 +135,28 @@ class ListenerProcess:
 
 
 # -- in the child ---------------------------------------------------------------------
+
+
+class StoredCount:
+    """Stored replies, told once per turn of the event loop with their count.
+
+    The DATA handlers whose group commit has just finished all run in one
+    turn; telling the daemon once for all of them saves the listener a write
+    and the daemon a wake-up per reply.
+    """
+
+    def __init__(self, tell: Callable[[int], None]) -> None:
+        self.tell = tell
+        self.count = 0
+
+    def __call__(self) -> None:
+        if self.count == 0:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.count += 1
+
+    def _flush(self) -> None:
+        count, self.count = self.count, 0
+        self.tell(count)
 
 
 def serve(config: Config, sock: socket.socket, pipe: Connection) -> None:
@@ -163,7 +186,7 @@ async def _serve(config: Config, sock: socket.socket, pipe: Connection) -> None:
         store,
         addressing(config),
         config.secret_keys,
-        on_stored=lambda: tell(STORED),
+        on_stored=StoredCount(lambda count: tell(STORED + str(count).encode())),
         observe_refusal=lambda reason: tell(REFUSED + reason.encode()),
         settings=config.inbound,
         token_max_age=config.tokens.max_age,

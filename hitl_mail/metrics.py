@@ -218,8 +218,8 @@ class Metrics:
     def email_failed(self, kind: str, *, permanent: bool) -> None:
         self.emails_failed.labels(kind=kind, permanent="true" if permanent else "false").inc()
 
-    def reply_accepted(self) -> None:
-        self.replies_accepted.inc()
+    def reply_accepted(self, count: int = 1) -> None:
+        self.replies_accepted.inc(count)
 
     def reply_refused(self, reason: str) -> None:
         self.replies_refused.labels(reason=reason).inc()

@@ -817,12 +817,12 @@ def test_a_flood_is_more_than_flood_rate_replies_a_second_over_the_last_window()
     now = [100.0]
     arrivals = Arrivals(clock=lambda: now[0])
     limit = int(waiting.FLOOD_RATE * waiting.FLOOD_WINDOW)
-    for _ in range(limit):
-        arrivals.note()
-        now[0] += 0.001
+    arrivals.note(limit)
+    now[0] += 2 * waiting.ONSET_WINDOW  # not the onset rule: nothing came in its window
     assert not arrivals.flooding()  # at the rate, not over it
     arrivals.note()
-    assert arrivals.flooding()
+    now[0] += 2 * waiting.ONSET_WINDOW
+    assert arrivals.flooding()  # a pause in a burst does not end it
     now[0] += waiting.FLOOD_WINDOW
     assert not arrivals.flooding()  # the burst has passed
 
@@ -831,6 +831,33 @@ def test_a_flood_is_more_than_flood_rate_replies_a_second_over_the_last_window()
         now[0] += 1 / (0.95 * waiting.FLOOD_RATE)
         steady.note()
         assert not steady.flooding()
+
+
+def test_a_burst_is_a_flood_from_its_first_onset_count_replies() -> None:
+    now = [100.0]
+    arrivals = Arrivals(clock=lambda: now[0])
+    arrivals.note(waiting.ONSET_COUNT - 1)
+    assert not arrivals.flooding()
+    now[0] += waiting.ONSET_WINDOW / 2
+    arrivals.note()  # ONSET_COUNT within ONSET_WINDOW
+    assert arrivals.flooding()
+    now[0] += waiting.ONSET_WINDOW  # and nothing since
+    assert not arrivals.flooding()
+
+
+async def test_settling_waits_until_the_newest_reply_is_onset_window_old() -> None:
+    loop = asyncio.get_running_loop()
+    arrivals = Arrivals(clock=loop.time)
+    began = loop.time()
+    await arrivals.settle()  # nothing stored yet: no wait
+    assert loop.time() - began < waiting.ONSET_WINDOW
+    arrivals.note()
+    began = loop.time()
+    await arrivals.settle()
+    assert loop.time() - began >= waiting.ONSET_WINDOW * 0.9  # the loop's clock resolution
+    began = loop.time()
+    await arrivals.settle()  # the newest is that old already
+    assert loop.time() - began < waiting.ONSET_WINDOW
 
 
 async def paced_replies(daemon: Daemon, count: int, per_second: float) -> tuple[list[str], Any]:
@@ -881,6 +908,34 @@ async def test_answering_waits_for_a_flood_at_most_max_yield_at_a_time(
 
     # 1.5-3 s of flood: answering took a batch after every 0.3 s of waiting.
     assert await answered_before(daemon, ids, last_250) >= 30
+
+
+async def test_answering_waits_from_the_first_reply_of_a_burst_until_it_has_passed(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The onset rule alone (the quarter-second rule set out of reach): nothing is
+    answered while the burst arrives, not even its first replies."""
+    monkeypatch.setattr(waiting, "FLOOD_RATE", 1e9)
+    monkeypatch.setattr(waiting, "ONSET_WINDOW", 0.3)  # a loaded test machine sends slowly
+    requests = [daemon.create() for _ in range(40)]
+    notifications = [
+        (await until(lambda r=r: daemon.sink.of("notification", r.id), "a notification"))[0]
+        for r in requests
+    ]
+    replies = [reply_to(n, "approved") for n in notifications]
+
+    async def client(mine: list[EmailMessage]) -> None:
+        for reply in mine:
+            await answer(daemon, reply)
+
+    began = asyncio.get_running_loop().time()
+    await asyncio.gather(*(client(replies[k::2]) for k in range(2)))
+    last_250 = utcnow()
+
+    # Long enough that answering, left alone, answers some of it as it comes
+    # (without the onset rule, 32 of these 40 were answered before the last 250).
+    assert asyncio.get_running_loop().time() - began > 0.3
+    assert await answered_before(daemon, [r.id for r in requests], last_250) == 0
 
 
 class ResumeClaimed(Resumer):

@@ -66,7 +66,10 @@ class Edge:
 async def listening(config: Config) -> AsyncIterator[Edge]:
     edge = Edge(0)
     listener = ListenerProcess(
-        config, on_stored=lambda: None, on_refused=edge.refusals.append, on_exit=lambda code: None
+        config,
+        on_stored=lambda count: None,
+        on_refused=edge.refusals.append,
+        on_exit=lambda code: None,
     )
     edge.port = await listener.start()
     try:
