@@ -239,10 +239,11 @@ async def test_a_token_minted_for_another_address_is_refused_at_rcpt(daemon: Dae
 
 
 @pytest.mark.skipif(BACKEND != "postgres", reason="the edge's own connections are PostgreSQL's")
-async def test_a_lost_database_connection_answers_451_and_the_retried_reply_is_answered_once(
+async def test_lost_database_connections_are_replaced_and_the_reply_is_answered_once(
     daemon: Daemon,
 ) -> None:
-    """As when PostgreSQL restarts: each broken connection costs one 451, which senders retry."""
+    """As when PostgreSQL restarts: the edge opens new connections. A statement cut off
+    in mid-flight costs a 451 (test_edgestore.py), which a sender retries."""
     request, notification = await daemon.notified()
     reply = reply_to(notification, "approved")
     recipient = str(reply["To"])
@@ -260,12 +261,16 @@ async def test_a_lost_database_connection_answers_451_and_the_retried_reply_is_a
     engine.dispose()
     assert ended == 2  # the edge's read and write connections
 
-    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as at_rcpt:
-        await deliver(daemon.port, reply, mail_from=ASSIGNEE, rcpt=[recipient])
-    with pytest.raises(aiosmtplib.SMTPDataError) as at_data:
-        await deliver(daemon.port, reply, mail_from=ASSIGNEE, rcpt=[recipient])
-    assert (at_rcpt.value.code, at_data.value.code) == (451, 451)
-    await answer(daemon, reply)
+    codes = []
+    for _ in range(3):  # as a sending MTA retries a 4xx
+        try:
+            sent = await deliver(daemon.port, reply, mail_from=ASSIGNEE, rcpt=[recipient])
+            codes.append(sent.code)
+            break
+        except (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError) as refused:
+            codes.append(refused.code)
+    assert codes[-1] == 250
+    assert set(codes[:-1]) <= {451}
 
     await daemon.event(request.id, "answered")
     assert daemon.store.get(request.id).outcome == "approved"
@@ -916,7 +921,7 @@ async def test_answering_waits_from_the_first_reply_of_a_burst_until_it_has_pass
     """The onset rule alone (the quarter-second rule set out of reach): nothing is
     answered while the burst arrives, not even its first replies."""
     monkeypatch.setattr(waiting, "FLOOD_RATE", 1e9)
-    monkeypatch.setattr(waiting, "ONSET_WINDOW", 0.3)  # a loaded test machine sends slowly
+    monkeypatch.setattr(waiting, "ONSET_WINDOW", 0.5)  # a loaded test machine sends slowly
     requests = [daemon.create() for _ in range(40)]
     notifications = [
         (await until(lambda r=r: daemon.sink.of("notification", r.id), "a notification"))[0]

@@ -1,7 +1,7 @@
 """The SMTP edge's database operations (edgestore.py), on the backend under test.
 
 Each test runs against the edge store `edge_store` picks for this database
-(`SqliteEdge` or `PsycopgEdge`) and against `PooledEdge`, which every other
+(`SqliteEdge` or `AsyncpgEdge`) and against `PooledEdge`, which every other
 database gets; rows written are read back through the ORM the answering
 stage uses, so a column the edge encodes differently would show here.
 """
@@ -16,7 +16,7 @@ import pytest
 from conftest import BACKEND, add_request
 from sqlmodel import select
 
-from hitl_mail.edgestore import EdgeStore, PooledEdge, PsycopgEdge, SqliteEdge, edge_store
+from hitl_mail.edgestore import AsyncpgEdge, EdgeStore, PooledEdge, SqliteEdge, edge_store
 from hitl_mail.models import InboundMessage, InboundStatus, RequestStatus, utcnow
 from hitl_mail.store import InboundItem, Store
 
@@ -34,7 +34,7 @@ def stored_rows(store: Store) -> list[InboundMessage]:
 
 
 def test_the_daemon_s_own_databases_get_an_edge_of_their_own(store: Store) -> None:
-    expected = SqliteEdge if BACKEND == "sqlite" else PsycopgEdge
+    expected = SqliteEdge if BACKEND == "sqlite" else AsyncpgEdge
     assert type(edge_store(store)) is expected
 
 
@@ -143,4 +143,30 @@ async def test_while_a_daemon_transaction_holds_sqlite_s_write_lock_the_loop_ser
     assert [r.dedupe_key for r in stored_rows(store)] == ["mid:<1@x>"]
     # With the lock free again, the next write takes the loop's own road.
     assert await edge.store(InboundItem("mid:<2@x>", "o@x", ["r@x"], b"m")) is True
+    await edge.close()
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="the edge's own connections are PostgreSQL's")
+async def test_a_connection_cut_in_mid_statement_fails_that_call_and_the_next_gets_a_new_one(
+    store: Store,
+) -> None:
+    """The call whose statement was cut off raises (its SMTP command answers 451)."""
+    import sqlalchemy as sa
+
+    edge = edge_store(store)
+    assert isinstance(edge, AsyncpgEdge)
+    add_request(store, "r1", assigned_to="o@x")
+    assert await edge.reply_target("r1") is not None
+    first = await edge._fetch("read", "SELECT pg_backend_pid()")
+    sleeping = asyncio.create_task(edge._fetch("read", "SELECT pg_sleep(30)"))
+    await asyncio.sleep(0.3)
+    with store.engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first[0][0]})
+    import asyncpg
+
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+        await asyncio.wait_for(sleeping, 10)
+
+    assert await edge.reply_target("r1") == ("o@x", "pending", None, 0)
+    assert (await edge._fetch("read", "SELECT pg_backend_pid()"))[0][0] != first[0][0]
     await edge.close()
