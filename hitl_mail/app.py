@@ -59,12 +59,17 @@ class App:
             ready=lambda: self.ready,
             request_statuses=tuple(RequestStatus),
         )
-        self.outbox = Outbox(
-            self.store, config.outbound, config.daemon.poll_interval, observe=self._observe_send
-        )
-        # Replies the SMTP listener stored lately: during a flood of them,
-        # answering and resuming wait and leave the CPU to the listener.
+        # Replies the SMTP listener stored lately: during a flood of them, every
+        # stage waits (at most waiting.MAX_YIELD at a time) and leaves the CPU
+        # and SQLite's write lock to the listener.
         self.arrivals = Arrivals()
+        self.outbox = Outbox(
+            self.store,
+            config.outbound,
+            config.daemon.poll_interval,
+            observe=self._observe_send,
+            arrivals=self.arrivals,
+        )
         self.resumer = Resumer(
             config,
             self.store,
@@ -79,9 +84,13 @@ class App:
             metrics=self.metrics,
             arrivals=self.arrivals,
         )
-        self.timers = Timers(config, self.store, on_fired=self._timer_fired)
+        self.timers = Timers(config, self.store, on_fired=self._timer_fired, arrivals=self.arrivals)
         self.deliveries = Deliveries(
-            config, self.store, config.daemon.poll_interval, observe=self.metrics.webhook_attempt
+            config,
+            self.store,
+            config.daemon.poll_interval,
+            observe=self.metrics.webhook_attempt,
+            arrivals=self.arrivals,
         )
         self.retention = RawRetention(config, self.store)
         self.listener = ListenerProcess(

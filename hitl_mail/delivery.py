@@ -31,7 +31,7 @@ from hitl_mail.config import Config, WebhookSettings
 from hitl_mail.httpqueue import Claimed, HttpQueue
 from hitl_mail.models import HttpOutboxStatus, WebhookEvent, utcnow
 from hitl_mail.store import Store, audit_event
-from hitl_mail.waiting import idle
+from hitl_mail.waiting import Arrivals, idle, let_flood_pass
 from hitl_mail.webhooks import CALLBACK, body_bytes, sample_payload, signed_headers
 
 log = logging.getLogger(__name__)
@@ -326,11 +326,13 @@ class Deliveries:
         store: Store,
         poll: timedelta,
         observe: DeliveryObserver | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.queue = HttpQueue(store)
         self.config = config
         self.endpoints = endpoints(config)
         self.poll = poll.total_seconds()
+        self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.wakeup = asyncio.Event()
         self._observe = observe or (lambda destination, result: None)
         self._lanes: dict[str, tuple[Lane, asyncio.Task[None]]] = {}
@@ -356,6 +358,7 @@ class Deliveries:
                         wait = min(wait, (at - now).total_seconds())
                 self._check_lanes()
                 await idle(self.wakeup, stopping, wait)
+                await let_flood_pass(self.arrivals, stopping, "webhook delivery")
         except asyncio.CancelledError:  # past the shutdown budget: drop what is in flight
             for _, task in self._lanes.values():
                 task.cancel()

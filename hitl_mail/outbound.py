@@ -24,7 +24,7 @@ from hitl_mail import compose
 from hitl_mail.config import OutboundSettings
 from hitl_mail.models import OutboxMessage, OutboxStatus, utcnow
 from hitl_mail.store import Sending, Store, audit_event
-from hitl_mail.waiting import idle
+from hitl_mail.waiting import Arrivals, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,12 @@ class Outbox:
         settings: OutboundSettings,
         poll: timedelta,
         observe: SendObserver | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.poll = poll.total_seconds()
+        self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.sender = SmtpSender(settings)
         self.wakeup = asyncio.Event()
         self._observe = observe or (lambda kind, result: None)
@@ -304,6 +306,7 @@ class Outbox:
         if due is not None:
             wait = min(wait, max((due - utcnow()).total_seconds(), 0.0))
         await idle(self.wakeup, stopping, wait)
+        await let_flood_pass(self.arrivals, stopping, "sending")
 
 
 def _detail(row: Sending, attempt: int) -> dict[str, object]:

@@ -29,7 +29,7 @@ from hitl_mail.intake import addressing, content_of, notification_row, sender
 from hitl_mail.models import FeedbackRequest, RequestStatus, Timer, TimerKind
 from hitl_mail.outbound import queue_row
 from hitl_mail.store import Store, Transition
-from hitl_mail.waiting import idle
+from hitl_mail.waiting import Arrivals, idle, let_flood_pass
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,17 @@ FIRE_JOB = "fire-due-timers"
 class Timers:
     """The timer stage; `on_fired(kind)` is told after each timer that changed something."""
 
-    def __init__(self, config: Config, store: Store, on_fired: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        on_fired: Callable[[str], None],
+        arrivals: Arrivals | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.on_fired = on_fired
+        self.arrivals = arrivals or Arrivals()  # replies the SMTP listener stored lately
         self.scheduler: AsyncIOScheduler | None = None
         self._next: datetime | None = None
         self._due = asyncio.Event()
@@ -65,6 +72,7 @@ class Timers:
                 else:
                     await self._refresh()
                 await idle(self._due, stopping, self.config.daemon.poll_interval.total_seconds())
+                await let_flood_pass(self.arrivals, stopping, "timers")
         finally:
             # Firing happens here, in this loop, never inside a scheduler job,
             # so stopping never abandons a firing half-way.

@@ -186,3 +186,43 @@ assign_from_input = "manager.email"
         assert store.requests("pending") == []
     finally:
         store.close()
+
+
+async def test_sending_waits_while_a_flood_of_replies_arrives_and_sends_once_it_has_passed(
+    relay: Relay, late_sink: MailSink, database_url: str
+) -> None:
+    """Every stage leaves the machine to the SMTP listener during a burst (waiting.py)."""
+    from hitl_mail.outbound import Outbox
+    from hitl_mail.waiting import Arrivals
+
+    late_sink.start()
+    store = Store(database_url)
+    store.migrate()
+    arrivals = Arrivals()
+    outbox = Outbox(
+        store, relay.config.outbound, relay.config.daemon.poll_interval, arrivals=arrivals
+    )
+    loop = asyncio.get_running_loop()
+
+    async def flood(seconds: float) -> None:  # about 2,000 replies a second
+        until_ = loop.time() + seconds
+        while loop.time() < until_:
+            arrivals.note(4)
+            await asyncio.sleep(0.002)
+
+    stopping = asyncio.Event()
+    running = asyncio.create_task(outbox.run(stopping))
+    try:
+        await asyncio.sleep(0.1)  # the stage idles, polling
+        flooding = asyncio.create_task(flood(1.2))
+        await until(arrivals.flooding, "a flood")
+        request = relay.create(store)  # written by a flow's process: found by a poll
+        await asyncio.sleep(0.8)  # three polls' time
+        sent_during = late_sink.of("notification", request.id)
+        await flooding
+        await until(lambda: late_sink.of("notification", request.id), "the notification")
+    finally:
+        stopping.set()
+        await running
+        store.close()
+    assert sent_during == []  # it waited for the flood to pass
