@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 from conftest import BACKEND, add_request
@@ -118,6 +119,17 @@ async def test_one_message_the_database_refuses_does_not_refuse_the_others_store
     assert len(stored_rows(store)) == 7
 
 
+E = TypeVar("E")
+
+
+def own_edge(store: Store, kind: type[E]) -> E:
+    """The edge `edge_store` picks for `store`, which must be `kind`, and a request r1 for o@x."""
+    edge = edge_store(store)
+    assert isinstance(edge, kind)
+    add_request(store, "r1", assigned_to="o@x")
+    return edge
+
+
 @pytest.mark.sqlite_only
 async def test_while_a_daemon_transaction_holds_sqlite_s_write_lock_the_loop_serves_on(
     store: Store,
@@ -125,9 +137,7 @@ async def test_while_a_daemon_transaction_holds_sqlite_s_write_lock_the_loop_ser
     """The write waits for the lock in its thread; reads (RCPTs) are answered meanwhile."""
     import sqlite3
 
-    edge = edge_store(store)
-    assert isinstance(edge, SqliteEdge)
-    add_request(store, "r1", assigned_to="o@x")
+    edge = own_edge(store, SqliteEdge)
     daemon = sqlite3.connect(edge.path, isolation_level=None)
     daemon.execute("BEGIN IMMEDIATE")  # as one of the daemon's transactions does
     try:
@@ -153,9 +163,7 @@ async def test_a_connection_cut_in_mid_statement_fails_that_call_and_the_next_ge
     """The call whose statement was cut off raises (its SMTP command answers 451)."""
     import sqlalchemy as sa
 
-    edge = edge_store(store)
-    assert isinstance(edge, AsyncpgEdge)
-    add_request(store, "r1", assigned_to="o@x")
+    edge = own_edge(store, AsyncpgEdge)
     assert await edge.reply_target("r1") is not None
     first = await edge._fetch("read", "SELECT pg_backend_pid()")
     sleeping = asyncio.create_task(edge._fetch("read", "SELECT pg_sleep(30)"))
