@@ -172,6 +172,7 @@ class Outbox:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            await let_flood_pass(self.arrivals, stopping, "sending")
             sent_any = await self.drain_once(stopping)
             if sent_any:
                 continue
@@ -306,7 +307,6 @@ class Outbox:
         if due is not None:
             wait = min(wait, max((due - utcnow()).total_seconds(), 0.0))
         await idle(self.wakeup, stopping, wait)
-        await let_flood_pass(self.arrivals, stopping, "sending")
 
 
 def _detail(row: Sending, attempt: int) -> dict[str, object]:
