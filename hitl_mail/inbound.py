@@ -266,7 +266,7 @@ class EdgeSMTP(SMTP):
         aiosmtpd builds a class and runs the RFC 5322 header parser for every
         path: 71 µs each, twice per reply, a tenth of the edge's CPU in a
         burst. `<local@domain>` made only of dot-atoms, then parameters, reads
-        the same either way (tests/test_inbound.py compares the two on
+        the same either way (tests/test_edge_paths.py compares the two on
         generated paths); anything else (quotes, comments, literals, the null
         path, 8-bit text) still goes to aiosmtpd.
         """
