@@ -30,7 +30,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from hitl_mail import tokens
 from hitl_mail.config import InboundSettings, TokenSettings
@@ -73,6 +73,9 @@ _PLAIN_PATH = re.compile(
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![ \t(])(.*)",
     re.DOTALL,
 )
+_DATA_END = b".\r\n"  # after CRLF, or first in DATA: the end of the message (RFC 5321 4.1.1.4)
+DATA_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's words, as before
+DATA_TOO_MUCH = "552 Error: Too much mail data"
 _MESSAGE_ID = re.compile(rb"\nmessage-id[ \t]*:")  # searched in the lowercased header block
 _FOLDED_VALUE = re.compile(rb"[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*")  # RFC 5322 2.2.3
 
@@ -219,7 +222,92 @@ class ReplyHandler:
         return None
 
 
-class EdgeSMTP(SMTP):
+class BlockDataSMTP(SMTP):
+    """aiosmtpd's SMTP session, reading DATA in blocks instead of line by line."""
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA answered as aiosmtpd answers it, the message read in a few blocks.
+
+        aiosmtpd awaits `readuntil(CRLF)` for each line, ~90 for a 3.4 KB
+        reply: 78 µs of the listener's CPU per reply. Here the reader looks
+        for `.CRLF` and checks that the dot begins a line, so a message takes
+        a few reads. The answers are aiosmtpd's, refusals included (checked
+        over the lines once the message is in, `data_refusal`), as
+        tests/test_edge_data.py shows against aiosmtpd on generated input.
+        Uses aiosmtpd 1.4's `_reader`, `_writer`, `_call_handler_hook` and
+        `_set_post_data_state`.
+        """
+        if self._decode_data:  # not the edge's setting; aiosmtpd's own code knows it
+            await super().smtp_DATA(arg)
+            return
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        read = await self._read_message()
+        if read is None:
+            return  # the connection closed before the end of the message
+        if isinstance(read, str):
+            await self.push(read)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = read
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_message(self) -> bytes | str | None:
+        """The message, un-stuffed; or the refusal to answer once it ended; or None.
+
+        Memory stays bounded as in aiosmtpd: past `data_size_limit` plus one
+        line, the refusal is already decided by what came, which is dropped
+        while the rest is read to its end.
+        """
+        reader, line_limit, size_limit = self._reader, self.line_length_limit, self.data_size_limit
+        decided_at = size_limit + line_limit + 2 if size_limit else None
+        body, dropped, refusal = bytearray(), 0, None
+        while self.transport is not None:
+            try:
+                try:
+                    body += await reader.readuntil(_DATA_END)
+                except asyncio.LimitOverrunError as exc:  # no `.CRLF` within the reader's limit
+                    body += await reader.read(exc.consumed)
+                    ended = False
+                else:
+                    ended = True
+            except asyncio.CancelledError:
+                log.info("Connection lost during DATA")
+                self._writer.close()
+                raise
+            dot = len(body) - len(_DATA_END)
+            if ended and (dropped + dot == 0 or body[dot - 2 : dot] == b"\r\n"):
+                del body[dot:]
+                if refusal is None:
+                    refusal = data_refusal(body, size_limit, line_limit, complete=True)
+                if refusal is not None:
+                    return refusal
+                message = bytes(body)
+                body.clear()  # at most two copies at a time, as in aiosmtpd
+                if message.startswith(b"."):
+                    message = message[1:]
+                return message.replace(b"\r\n.", b"\r\n")
+            if decided_at is not None and dropped + len(body) > decided_at:
+                if refusal is None:
+                    refusal = data_refusal(body, size_limit, line_limit, complete=False)
+                    assert refusal is not None  # see data_refusal
+                dropped += len(body) - 2
+                del body[:-2]  # the last two bytes: does a dot after them begin a line?
+        return None
+
+
+class EdgeSMTP(BlockDataSMTP):
     """aiosmtpd's SMTP session, with the edge's connection limits and a bound on DATA.
 
     A connection over a limit (edgeguard.py) is answered 421 and closed before
@@ -230,8 +318,8 @@ class EdgeSMTP(SMTP):
     For DATA the timer is set once to `[inbound].data_timeout`, which bounds
     the whole message however steadily its lines come.
 
-    Memory: aiosmtpd buffers a message whole, and once more as it joins the
-    lines, and refuses (552) past `max_message_size`; so the edge holds at
+    Memory: a message is buffered whole, and once more as its dots are
+    un-stuffed, and refused (552) past `max_message_size`; so the edge holds at
     most about 2 x max_message_size x max_connections of mail (200 MB with
     the defaults), however many clients try.
     """
@@ -286,6 +374,7 @@ class EdgeSMTP(SMTP):
             self.guard.release(self.client)
         super().connection_lost(error)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd 1.4's timer restart, a private method: test_edge_limits.py
         # shows the bound holds, so an aiosmtpd that changes it fails a test.
@@ -293,6 +382,35 @@ class EdgeSMTP(SMTP):
         await super().smtp_DATA(arg)
         if self.transport is not None:
             self._reset_timeout()  # back to the idle timeout for the next command
+
+
+def data_refusal(
+    data: bytes | bytearray, size_limit: int | None, line_limit: int, *, complete: bool
+) -> str | None:
+    """What aiosmtpd answers a message of `data` (as sent, dots still stuffed): None for 250.
+
+    aiosmtpd decides line by line, by the first of: a line longer than its
+    reader's limit (`line_limit` bytes before CRLF, noticed as it arrives),
+    the message past `size_limit`, a line with its CRLF longer than
+    `line_limit`. When `complete` is false `data` is cut anywhere, and is
+    longer than `size_limit + line_limit + 2`: its complete lines decide, or
+    else the last, already longer than the reader's limit.
+    """
+    lines = data.split(b"\r\n")
+    partial = lines.pop()  # b"" when the message ends with its CRLF
+    longest = max(map(len, lines), default=0)
+    if (not size_limit or len(data) <= size_limit) and longest + 2 <= line_limit and complete:
+        return None
+    size = 0
+    for line in lines:
+        if len(line) > line_limit:
+            return DATA_TOO_LONG
+        size += len(line) + 2
+        if size_limit and size > size_limit:
+            return DATA_TOO_MUCH
+        if len(line) + 2 > line_limit:
+            return DATA_TOO_LONG
+    return DATA_TOO_LONG if len(partial) > line_limit else None
 
 
 def tls_context(settings: InboundSettings) -> ssl.SSLContext | None:
