@@ -1,7 +1,8 @@
 """The SMTP edge: accept replies for our reply domain, store them durably, answer 250.
 
 aiosmtpd owns the protocol; this handler only decides RCPT and DATA, and
-`EdgeSMTP` adds the abuse limits (edgeguard.py) around aiosmtpd's session.
+`EdgeSMTP` adds the abuse limits (edgeguard.py) around aiosmtpd's session,
+which reads DATA in blocks and answers it as aiosmtpd does (`BlockDataSMTP`).
 RCPT refuses what can be refused early: another domain (never an open
 relay); a local part that is not one of our signed tokens, or the bare
 `reply@` unless the thread fallback may place it (`thread_fallback`, or
