@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -42,7 +41,7 @@ class Recorder:
 
 
 class Pair:
-    """aiosmtpd and the block reader, on two loopback ports of one loop in a thread."""
+    """aiosmtpd and the block reader, on two loopback ports of one event loop the test drives."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -197,7 +196,7 @@ def test_a_refusal_decided_early_is_the_one_the_whole_message_gets(complete: boo
         early = data_refusal(head, size, line, complete=False)
         assert early is not None
         for rest in (b"", b"\r\n", b"a\r\n" * 10, b"b" * 2000 + b"\r\n"):
-            whole: Any = head + rest
+            whole = head + rest
             if complete and not whole.endswith(b"\r\n"):
                 whole += b"\r\n"
             assert data_refusal(whole, size, line, complete=True) == early
